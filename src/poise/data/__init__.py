@@ -1,0 +1,14 @@
+from poise.data.base import DatasetInfo, DataSplits, ModalitySpec, TensorMultimodalDataset
+from poise.data.batch import MultimodalBatch, collate
+from poise.data.registry import DATASETS, load_dataset
+
+__all__ = [
+    "DATASETS",
+    "DataSplits",
+    "DatasetInfo",
+    "ModalitySpec",
+    "MultimodalBatch",
+    "TensorMultimodalDataset",
+    "collate",
+    "load_dataset",
+]

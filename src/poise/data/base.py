@@ -1,0 +1,129 @@
+"""Dataset containers shared by every dataset kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from poise.errors import DataError
+
+ModalityKind = Literal["vector", "sequence", "image", "spectrogram", "tokens", "frames"]
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """What one modality's input looks like, so that a default encoder can be chosen for it.
+
+    kind:  vector (D,), sequence (T, D), image (C, H, W), spectrogram (1, F, T), tokens (T,) int,
+           frames (T, C, H, W): several images of one clip.
+    shape: the per-sample shape.
+    vocab_size: for ``tokens`` only.
+    """
+
+    kind: ModalityKind
+    shape: tuple[int, ...]
+    vocab_size: int | None = None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    modalities: dict[str, ModalitySpec]
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+
+
+class TensorMultimodalDataset(Dataset):
+    """In-memory samples: one tensor per modality with the samples in dimension 0.
+
+    ``present`` (N, M) marks missing modalities; missing inputs are zero-filled here, once, so that no
+    encoder ever sees the original values of a modality declared missing.
+    """
+
+    def __init__(self, inputs: dict[str, Tensor], labels: Tensor, present: Tensor | None = None):
+        if not inputs:
+            raise DataError("a dataset needs at least one modality")
+        n = int(labels.shape[0])
+        for m, x in inputs.items():
+            if int(x.shape[0]) != n:
+                raise DataError(f"modality '{m}' has {x.shape[0]} samples but there are {n} labels")
+        self.modalities = tuple(inputs)
+        if present is None:
+            present = torch.ones(n, len(inputs), dtype=torch.bool)
+        present = present.bool()
+        if tuple(present.shape) != (n, len(inputs)):
+            raise DataError(f"present mask has shape {tuple(present.shape)}, expected {(n, len(inputs))}")
+        self.inputs = {
+            m: x * present[:, j].view(-1, *([1] * (x.dim() - 1))).to(x.dtype) if not bool(present[:, j].all()) else x
+            for j, (m, x) in enumerate(inputs.items())
+        }
+        self.labels = labels.long()
+        self.present = present
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int):
+        return {m: x[i] for m, x in self.inputs.items()}, int(self.labels[i]), self.present[i], i
+
+    def subset(self, rows: np.ndarray | Tensor) -> TensorMultimodalDataset:
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        return TensorMultimodalDataset(
+            {m: x[rows] for m, x in self.inputs.items()}, self.labels[rows], self.present[rows]
+        )
+
+    def with_present(self, present: Tensor) -> TensorMultimodalDataset:
+        return TensorMultimodalDataset(self.inputs, self.labels, self.present & present.bool())
+
+
+@dataclass
+class DataSplits:
+    """The three splits of a dataset. ``val`` is always carved from the training data, never from test.
+
+    Each split is a Dataset of ``(inputs, label, present, index)`` items (in memory:
+    :class:`TensorMultimodalDataset`; read from files: ``poise.data.lazy.LazyMultimodalDataset``);
+    missing-modality masks are applied through its ``with_present(present)``."""
+
+    info: DatasetInfo
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    notes: dict[str, object] = field(default_factory=dict)
+
+    def split(self, name: str) -> Dataset:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """Split sample indices into len(fractions) disjoint parts, class by class, deterministically."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in fractions]
+    total = float(sum(fractions))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        bounds = np.round(np.cumsum(fractions) / total * len(idx)).astype(int)
+        start = 0
+        for k, end in enumerate(bounds):
+            parts[k].extend(idx[start:end].tolist())
+            start = end
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def missing_mask(n: int, num_modalities: int, rate: float, seed: int) -> Tensor:
+    """(n, M) presence mask: each modality of each sample missing with probability ``rate``,
+    never all modalities of a sample at once (one of the dropped ones is restored at random)."""
+    if not 0.0 <= rate < 1.0:
+        raise DataError(f"missing_rate must be in [0, 1), got {rate}")
+    g = torch.Generator().manual_seed(seed)
+    present = torch.rand(n, num_modalities, generator=g) >= rate
+    empty = ~present.any(dim=1)
+    if empty.any():
+        restore = torch.randint(num_modalities, (int(empty.sum()),), generator=g)
+        present[empty.nonzero().squeeze(1), restore] = True
+    return present

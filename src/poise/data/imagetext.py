@@ -1,0 +1,205 @@
+"""Image + text datasets: UPMC Food-101 and MVSA-Single.
+
+Texts become token ids (T,) with 0 for padding: by default through a word-level vocabulary built
+from the training texts (lower-cased words, ids by frequency, 1 for unknown words); with
+``tokenizer: DIR``, through a Hugging Face tokenizer saved in a local folder (the released code
+uses BERT's, ``max_length`` 40; needs the ``transformers`` package, imported only then).
+Texts are tokenised once when the dataset is built (cheap); images are read lazily.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from poise.data.audiovisual import MediaOptions, class_index, dataset_folder
+from poise.data.base import DataSplits, ModalitySpec, stratified_split
+from poise.data.lazy import ArrayReader, ImageReader, assemble_splits, resolve_problems
+from poise.data.media import ImageTransform
+from poise.errors import DataError
+
+PAD, UNKNOWN = 0, 1
+WORD = re.compile(r"[a-z0-9']+")
+
+
+class TextOptions(MediaOptions):
+    max_length: int = Field(40, ge=1, description="tokens per text (padded with 0 or cut)")
+    tokenizer: str | None = Field(None, description="folder of a saved Hugging Face tokenizer (default: a word vocabulary)")
+    min_count: int = Field(1, ge=1, description="word vocabulary: words seen fewer times in training are unknown")
+    max_vocab: int = Field(30000, ge=2, description="word vocabulary: at most this many ids (with padding and unknown)")
+
+
+def clean_text(text: str) -> str:
+    """The released Food-101 cleaning: no leading 'RT', no links, no '#'."""
+    text = re.sub(r"^RT[\s]+", "", text)
+    text = re.sub(r"https?://.*[\r\n]*", "", text)
+    return text.replace("#", "")
+
+
+def word_vocabulary(texts: Sequence[str], min_count: int, max_vocab: int) -> dict[str, int]:
+    counts = Counter(w for t in texts for w in WORD.findall(t.lower()))
+    words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+    return {w: i + 2 for i, w in enumerate(words[: max_vocab - 2])}
+
+
+def tokenize_texts(texts: Sequence[str], train_rows: np.ndarray, options: TextOptions) -> tuple[np.ndarray, int]:
+    """(N, max_length) int64 ids and the vocabulary size."""
+    ids = np.zeros((len(texts), options.max_length), dtype=np.int64)
+    if options.tokenizer:
+        from poise.data.media import require
+
+        transformers = require("transformers")
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(options.tokenizer, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise DataError(f"tokenizer folder '{options.tokenizer}' cannot be loaded: {e}") from None
+        encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=options.max_length)["input_ids"]
+        pad = tokenizer.pad_token_id or 0
+        ids[:] = np.asarray(encoded, dtype=np.int64)
+        if pad != PAD:  # the encoders treat id 0 as padding: swap it with the tokenizer's padding id
+            ids = np.where(ids == pad, -1, ids)
+            ids = np.where(ids == PAD, pad, ids)
+            ids[ids == -1] = PAD
+        return ids, int(len(tokenizer))
+    vocab = word_vocabulary([texts[i] for i in train_rows], options.min_count, options.max_vocab)
+    for i, text in enumerate(texts):
+        words = [vocab.get(w, UNKNOWN) for w in WORD.findall(text.lower())][: options.max_length]
+        ids[i, : len(words)] = words
+    return ids, len(vocab) + 2
+
+
+def image_text_splits(name: str, images: list[Path], texts: list[str], labels: np.ndarray, origins: list[str],
+                      parts: dict[str, np.ndarray], classes: Sequence[str], options: TextOptions, val_fraction: float,
+                      split_seed: int, skipped: Sequence[str]) -> DataSplits:
+    train = parts["train"]
+    if "val" not in parts:  # carve val first so that the vocabulary sees only the training texts
+        keep, held = stratified_split(labels[train], (1 - val_fraction, val_fraction), split_seed)
+        parts = {**parts, "train": train[keep], "val": train[held]}
+    ids, vocab_size = tokenize_texts(texts, parts["train"], options)
+    readers = {
+        "visual": ImageReader(images, ImageTransform(options.image_size, options.augment)),
+        "text": ArrayReader(ids, ModalitySpec("tokens", (options.max_length,), vocab_size)),
+    }
+    return assemble_splits(name, readers, labels, origins, parts, classes, val_fraction, split_seed, skipped)
+
+
+# ---- UPMC Food-101 ----------------------------------------------------------------------------------
+class Food101Options(TextOptions):
+    texts_dir: str = Field("texts", description="train_titles.csv and test_titles.csv: image name, text, label")
+    images_dir: str = Field("images", description="images/<train|test>/<label>/<image name>")
+    augment: Literal["rotate_resize_flip", "random_resized_crop", "resize_flip", "none"] = Field(
+        "rotate_resize_flip", description="training image augmentation (released: RandomRotation(30), Resize, flip)"
+    )
+
+
+def _food_columns(header: list[str]) -> tuple[int, int, int] | None:
+    lower = [h.strip().lower() for h in header]
+    if "text" in lower and "label" in lower:
+        image = next((i for i, h in enumerate(lower) if "image" in h), 0)
+        return image, lower.index("text"), lower.index("label")
+    return None
+
+
+def build_food101(arg: str | None, options: Food101Options, val_fraction: float, split_seed: int) -> DataSplits:
+    root = dataset_folder(arg, "food101")
+    train_images = root / options.images_dir / "train"
+    raw = []
+    for split in ("train", "test"):
+        file = root / options.texts_dir / f"{split}_titles.csv"
+        if not file.is_file():
+            raise DataError(f"Food-101 {split} list '{file}' does not exist")
+        with open(file, encoding="utf-8-sig", newline="") as f:
+            lines = list(csv.reader(f))
+        columns = _food_columns(lines[0]) if lines else None
+        start = 1 if columns else 0
+        image_col, text_col, label_col = columns or (0, 1, 2)
+        for number, fields in enumerate(lines[start:], start=start + 1):
+            if not fields:
+                continue
+            origin = f"{file.name} line {number}"
+            if len(fields) <= max(image_col, text_col, label_col):
+                raise DataError(f"{origin}: expected image name, text and label, got {fields!r}")
+            raw.append((fields[image_col], fields[text_col], fields[label_col], split, origin))
+    if train_images.is_dir():
+        classes = sorted(p.name for p in train_images.iterdir() if p.is_dir())
+    else:
+        classes = sorted({r[2] for r in raw})
+    problems, kept = [], []
+    for image, text, label, split, origin in raw:
+        index = class_index(label, classes, origin)
+        path = root / options.images_dir / split / label / image
+        if not path.is_file():
+            problems.append(f"{origin}: image file '{path}' does not exist")
+            continue
+        kept.append((path, clean_text(text), index, split, origin))
+    skipped = resolve_problems("food101", problems, options.on_missing)
+    splits = np.array([k[3] for k in kept])
+    parts = {s: np.flatnonzero(splits == s) for s in ("train", "test")}
+    return image_text_splits("food101", [k[0] for k in kept], [k[1] for k in kept], np.array([k[2] for k in kept]),
+                             [k[4] for k in kept], parts, classes, options, val_fraction, split_seed, skipped)
+
+
+# ---- MVSA-Single ------------------------------------------------------------------------------------
+MVSA_CLASSES = ("negative", "neutral", "positive")
+
+
+class MvsaOptions(TextOptions):
+    labels_file: str = Field("labelResultAll.txt", description="tab-separated 'ID<TAB>text_label,image_label' with a header")
+    data_dir: str = Field("data", description="data/<ID>.jpg and data/<ID>.txt")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="share held out for test, stratified (no official split)")
+    augment: Literal["rotate_resize_flip", "random_resized_crop", "resize_flip", "none"] = Field(
+        "random_resized_crop", description="training image augmentation"
+    )
+
+
+def mvsa_label(text_label: str, image_label: str) -> str | None:
+    """One label per post (MultiSentiNet's rule): equal labels stand; neutral yields to a polar
+    label; a positive / negative conflict has no label (left out, listed)."""
+    if text_label == image_label:
+        return text_label
+    if "neutral" in (text_label, image_label):
+        return image_label if text_label == "neutral" else text_label
+    return None
+
+
+def build_mvsa(arg: str | None, options: MvsaOptions, val_fraction: float, split_seed: int) -> DataSplits:
+    root = dataset_folder(arg, "mvsa")
+    file = root / options.labels_file
+    if not file.is_file():
+        raise DataError(f"MVSA label file '{file}' does not exist")
+    problems, conflicts, kept = [], [], []
+    for number, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        fields = line.split("\t")
+        if number == 1 and not fields[0].strip().isdigit() or not line.strip():
+            continue
+        origin = f"{file.name} line {number}"
+        pair = fields[1].split(",") if len(fields) == 2 else []
+        if len(pair) != 2:
+            raise DataError(f"{origin}: expected 'ID<TAB>text_label,image_label', got '{line}'")
+        for x in pair:
+            class_index(x.strip(), MVSA_CLASSES, origin)
+        label = mvsa_label(pair[0].strip(), pair[1].strip())
+        post = fields[0].strip()
+        if label is None:
+            conflicts.append(f"{origin}: post {post} has text label '{pair[0]}' and image label '{pair[1]}'")
+            continue
+        image, text = root / options.data_dir / f"{post}.jpg", root / options.data_dir / f"{post}.txt"
+        lacking = next((p for p in (image, text) if not p.is_file()), None)
+        if lacking is not None:
+            problems.append(f"{origin}: file '{lacking}' does not exist")
+            continue
+        kept.append((image, text.read_bytes().decode("utf-8", errors="replace").strip(), MVSA_CLASSES.index(label), origin))
+    skipped = resolve_problems("mvsa", problems, options.on_missing) + conflicts
+    labels = np.array([k[2] for k in kept])
+    if len(kept) == 0:
+        raise DataError(f"mvsa: '{file}' lists no usable post")
+    train, test = stratified_split(labels, (1 - options.test_fraction, options.test_fraction), split_seed)
+    return image_text_splits("mvsa", [k[0] for k in kept], [k[1] for k in kept], labels, [k[3] for k in kept],
+                             {"train": train, "test": test}, MVSA_CLASSES, options, val_fraction, split_seed, skipped)

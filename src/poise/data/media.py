@@ -1,0 +1,346 @@
+"""Audio, image and video reading and the published preprocessing of the audio-visual datasets.
+
+The media packages (soundfile and soxr for audio, PyAV for video, Pillow for images) are the optional
+extra ``poise[media]``; they are imported when first needed, with an error naming the extra when one
+is missing.
+
+Spectrograms use ``torch.stft`` with a periodic Hann window, centred frames and zero padding: the
+same numbers as ``librosa.stft`` in the released loaders. The Kaldi filter-bank follows
+``torchaudio.compliance.kaldi.fbank`` with the arguments of the released Kinetics-Sounds / AVE code
+(hanning window, 25 ms frames, 10 ms shift, pre-emphasis 0.97, DC removal, 128 mel bins from 20 Hz
+to Nyquist, log power, no dither).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Literal
+
+import numpy as np
+import torch
+
+from poise.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MEDIA_EXTRA = "pip install 'poise[media]'"
+
+
+def require(module: str, package: str | None = None) -> ModuleType:
+    """Import an optional media package, or explain which extra provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"this dataset needs the '{package or module}' package, part of the media extra: {MEDIA_EXTRA}") from None
+
+
+# ---- audio ------------------------------------------------------------------------------------------
+def read_audio(path: Path, sample_rate: int) -> np.ndarray:
+    """Mono float32 samples of an audio file (or of a video's audio track) at ``sample_rate``."""
+    path = Path(path)
+    if path.suffix.lower() in SOUNDFILE_SUFFIXES:
+        sf = require("soundfile")
+        try:
+            data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        except (RuntimeError, sf.LibsndfileError) as e:
+            raise DataError(f"audio file '{path}' cannot be read: {e}") from None
+        wave = data.mean(axis=1)
+    else:
+        wave, rate = _decode_audio_track(path, sample_rate)
+    if wave.size == 0:
+        raise DataError(f"audio file '{path}' is empty (no samples)")
+    if rate != sample_rate:  # soxr "HQ", the resampler behind librosa.load in the released loaders
+        wave = require("soxr").resample(wave, rate, sample_rate, quality="HQ")
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def _decode_audio_track(path: Path, sample_rate: int) -> tuple[np.ndarray, int]:
+    av = require("av")
+    chunks = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise DataError(f"'{path}' has no audio track")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            for frame in container.decode(container.streams.audio[0]):
+                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    except av.error.FFmpegError as e:
+        raise DataError(f"media file '{path}' cannot be decoded: {e}") from None
+    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), sample_rate
+
+
+def log_stft(wave: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
+    """``log(|STFT| + 1e-7)``, (n_fft // 2 + 1, 1 + len // hop), as librosa.stft(center=True) gives."""
+    spec = torch.stft(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), n_fft, hop_length=hop,
+                      window=torch.hann_window(n_fft), center=True, pad_mode="constant", return_complex=True)
+    return torch.log(spec.abs() + 1e-7).numpy()
+
+
+def tile_to(wave: np.ndarray, length: int) -> np.ndarray:
+    """Repeat a waveform until it has at least ``length`` samples."""
+    return np.tile(wave, math.ceil(length / len(wave))) if len(wave) < length else wave
+
+
+def _mel(f):
+    return 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+
+def kaldi_mel_banks(num_bins: int, padded_window: int, sample_rate: int, low_freq: float = 20.0,
+                    high_freq: float = 0.0) -> np.ndarray:
+    """Triangular mel filters on the FFT bins (num_bins, padded_window // 2 + 1), Kaldi style
+    (the Nyquist bin gets no weight)."""
+    nyquist = 0.5 * sample_rate
+    if high_freq <= 0.0:
+        high_freq += nyquist
+    mel_low, mel_high = _mel(low_freq), _mel(high_freq)
+    delta = (mel_high - mel_low) / (num_bins + 1)
+    b = np.arange(num_bins)[:, None]
+    left, center, right = mel_low + b * delta, mel_low + (b + 1) * delta, mel_low + (b + 2) * delta
+    mel = _mel(sample_rate / padded_window * np.arange(padded_window // 2))[None, :]
+    banks = np.maximum(0.0, np.minimum((mel - left) / (center - left), (right - mel) / (right - center)))
+    return np.pad(banks, ((0, 0), (0, 1))).astype(np.float32)
+
+
+def kaldi_fbank(wave: np.ndarray, sample_rate: int, num_mel_bins: int = 128, frame_length_ms: float = 25.0,
+                frame_shift_ms: float = 10.0, preemphasis: float = 0.97) -> np.ndarray:
+    """Log mel filter-bank energies (frames, num_mel_bins), snip_edges frames, no dither."""
+    size = int(sample_rate * frame_length_ms / 1000)
+    shift = int(sample_rate * frame_shift_ms / 1000)
+    padded = 1 << (size - 1).bit_length()
+    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+    if len(x) < size:
+        return np.zeros((0, num_mel_bins), np.float32)
+    frames = x.unfold(0, size, shift)
+    frames = frames - frames.mean(dim=1, keepdim=True)
+    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
+    frames = (frames - preemphasis * previous) * torch.hann_window(size, periodic=False)
+    power = torch.fft.rfft(torch.nn.functional.pad(frames, (0, padded - size))).abs().pow(2)
+    energies = power @ torch.from_numpy(kaldi_mel_banks(num_mel_bins, padded, sample_rate)).T
+    return energies.clamp_min(torch.finfo(torch.float32).eps).log().numpy()
+
+
+# ---- the datasets' audio features -----------------------------------------------------------------
+@dataclass(frozen=True)
+class AudioFeatures:
+    """One dataset's audio preprocessing. ``cache_array`` is what ``poise prepare`` stores per clip
+    (the deterministic part); ``from_cache`` finishes it at load time (random crops in training)."""
+
+    sample_rate: int
+    shape: tuple[int, ...]
+    cache_dir: str
+
+    def cache_array(self, wave: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def from_cache(self, stored: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        return stored
+
+    def cache_shape(self) -> tuple[int, ...] | None:
+        """The shape every cached array must have (None: any length)."""
+        return self.shape[1:]
+
+    def __call__(self, wave: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        return self.from_cache(self.cache_array(wave), rng)
+
+
+@dataclass(frozen=True)
+class ClipSpectrogram(AudioFeatures):
+    """CREMA-D (OGM-GE): 22,050 Hz, tiled and cut to 3 s, clipped to [-1, 1], STFT n_fft 512 hop 353,
+    log(|S| + 1e-7): 257 x 188."""
+
+    sample_rate: int = 22050
+    shape: tuple[int, ...] = (1, 257, 188)
+    cache_dir: str = "spectrogram"
+    seconds: float = 3.0
+    n_fft: int = 512
+    hop: int = 353
+
+    def cache_array(self, wave):
+        n = int(self.sample_rate * self.seconds)
+        return log_stft(np.clip(tile_to(wave, n)[:n], -1.0, 1.0), self.n_fft, self.hop)
+
+
+@dataclass(frozen=True)
+class NormalisedFbank(AudioFeatures):
+    """Kinetics-Sounds and AVE: 16 kHz, mean removed, Kaldi fbank (128 mel, 10 ms shift), zero-padded
+    or cut to 1024 frames, normalised ``(x - mean) / (2 std)`` with the AudioSet statistics:
+    (1, 1024, 128), time first as in the released loader."""
+
+    sample_rate: int = 16000
+    shape: tuple[int, ...] = (1, 1024, 128)
+    cache_dir: str = "fbank"
+    norm_mean: float = -4.503877
+    norm_std: float = 5.141276
+
+    def cache_array(self, wave):
+        frames, bins = self.shape[1:]
+        fbank = kaldi_fbank(wave - wave.mean(), self.sample_rate, num_mel_bins=bins)
+        out = np.zeros((frames, bins), np.float32)
+        out[: min(frames, len(fbank))] = fbank[:frames]
+        return (out - self.norm_mean) / (2 * self.norm_std)
+
+
+@dataclass(frozen=True)
+class CroppedSpectrogram(AudioFeatures):
+    """VGGSound (OGM-GE): 16 kHz tiled to at least 10 s; a 5 s crop (random start in [0, 5 s] in
+    training, the centre at evaluation), clipped, STFT 256 / 128, log(|S| + 1e-7): 129 x 626. The
+    cache holds the tiled 16-bit waveform, so that the crop stays random."""
+
+    sample_rate: int = 16000
+    shape: tuple[int, ...] = (1, 129, 626)
+    cache_dir: str = "waveform"
+    seconds: float = 5.0
+    min_seconds: float = 10.0
+    n_fft: int = 256
+    hop: int = 128
+
+    def cache_shape(self):
+        return None
+
+    def cache_array(self, wave):
+        tiled = tile_to(wave, int(self.sample_rate * self.min_seconds))
+        return (np.clip(tiled, -1.0, 1.0) * 32767).astype(np.int16)
+
+    def from_cache(self, stored, rng):
+        wave = stored.astype(np.float32) / 32767
+        if wave.ndim != 1 or len(wave) < int(self.sample_rate * self.min_seconds):
+            raise DataError(f"a cached waveform must be 1-D with at least {self.min_seconds} s, got shape {wave.shape}")
+        n = int(self.sample_rate * self.seconds)
+        if rng is None:
+            start = (len(wave) - n) // 2
+        else:  # the released start: uniform in [0, 5 s], whatever the clip's length
+            start = int(rng.integers(0, min(len(wave) - n, n), endpoint=True))
+        return log_stft(np.clip(wave[start: start + n], -1.0, 1.0), self.n_fft, self.hop)
+
+
+# ---- images ---------------------------------------------------------------------------------------
+def read_image(path: Path, mode: str = "RGB"):
+    """A decoded PIL image in ``mode`` (RGB for frames, L for optical flow)."""
+    image_module = require("PIL.Image", "Pillow")
+    try:
+        with image_module.open(path) as im:
+            im.load()
+            return im if im.mode == mode else im.convert(mode)
+    except FileNotFoundError:
+        raise DataError(f"image file '{path}' does not exist") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"image file '{path}' cannot be read: {e}") from None
+
+
+def list_images(folder: Path) -> list[str]:
+    """The image file names of a frame folder, sorted (the released loaders take os.listdir order)."""
+    return sorted(f for f in _listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+
+
+def _listdir(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        raise DataError(f"frame folder '{folder}' does not exist") from None
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.08, 1.0),
+                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, w, h) drawn as torchvision's RandomResizedCrop draws it (10 tries, then a
+    centre crop within the ratio range)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Training: ``augment`` = random_resized_crop (RandomResizedCrop(size) + flip), resize_flip
+    (Resize + flip) or rotate_resize_flip (RandomRotation(rotate) + Resize + flip); evaluation, and
+    training with ``augment: none``: Resize((size, size)). Then [0, 1] scaling and, when ``mean``
+    is given, per-channel normalisation. Returns (C, size, size) float32."""
+
+    size: int = 224
+    augment: Literal["random_resized_crop", "resize_flip", "rotate_resize_flip", "none"] = "random_resized_crop"
+    rotate: float = 30.0
+    mean: tuple[float, ...] | None = IMAGENET_MEAN
+    std: tuple[float, ...] | None = IMAGENET_STD
+
+    def __call__(self, image, rng: np.random.Generator | None, flip: bool | None = None) -> np.ndarray:
+        image_module = require("PIL.Image", "Pillow")
+        bilinear = image_module.Resampling.BILINEAR
+        size = (self.size, self.size)
+        if rng is None or self.augment == "none":
+            image = image.resize(size, bilinear)
+        else:
+            if self.augment == "random_resized_crop":
+                left, top, w, h = random_resized_crop_box(image.width, image.height, rng)
+                image = image.resize(size, bilinear, box=(left, top, left + w, top + h))
+            else:
+                if self.augment == "rotate_resize_flip":
+                    image = image.rotate(float(rng.uniform(-self.rotate, self.rotate)), image_module.Resampling.NEAREST)
+                image = image.resize(size, bilinear)
+            if flip if flip is not None else rng.random() < 0.5:
+                image = image.transpose(image_module.Transpose.FLIP_LEFT_RIGHT)
+        x = np.asarray(image)
+        x = np.ascontiguousarray((x[:, :, None] if x.ndim == 2 else x).transpose(2, 0, 1), dtype=np.float32)
+        if self.mean is None:
+            return x * np.float32(1 / 255)
+        # (x / 255 - mean) / std as one multiply-add per channel, channels first (fast broadcasting)
+        scale = (1 / (255 * np.asarray(self.std))).astype(np.float32)[:, None, None]
+        offset = (np.asarray(self.mean) / np.asarray(self.std)).astype(np.float32)[:, None, None]
+        x *= scale
+        x -= offset
+        return x
+
+
+def sample_frame_indices(available: int, count: int, sampling: str, rng: np.random.Generator | None) -> list[int]:
+    """Indices into a sorted frame list. ``first``: the first ``count`` frames. ``segments``: the
+    list cut into ``count`` equal segments, one frame from each (random in training, the middle of
+    the segment at evaluation), as the released Kinetics-Sounds / UCF-101 loaders pick them."""
+    if sampling == "first":
+        return list(range(count))
+    segment = available // count
+    if rng is None:
+        return [i * segment + segment // 2 for i in range(count)]
+    return [i * segment + int(rng.integers(0, segment)) for i in range(count)]
+
+
+# ---- video ----------------------------------------------------------------------------------------
+def video_frames(path: Path, fps: float) -> list:
+    """PIL frames of a video at ``fps``: the first frame at or after every 1 / fps seconds."""
+    av = require("av")
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"'{path}' has no video track")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = float(stream.average_rate or stream.guessed_rate or 25)
+            next_time = 0.0
+            for i, frame in enumerate(container.decode(stream)):
+                time = frame.time if frame.time is not None else i / rate
+                if time + 1e-6 >= next_time:
+                    frames.append(frame.to_image())
+                    next_time += 1.0 / fps
+    except av.error.FFmpegError as e:
+        raise DataError(f"video file '{path}' cannot be decoded: {e}") from None
+    return frames

@@ -1,0 +1,77 @@
+"""The pure mathematics of each method, usable from any training loop."""
+
+from poise.functional.confidence import confidence_ratios, confidence_scores
+from poise.functional.extensions import (
+    batch_confidence_ratios,
+    boost_coefficients_from_ratios,
+    cross_modal_distillation,
+    distillation_kl,
+    distillation_roles,
+    modality_dropout_mask,
+    modality_dropout_scale,
+    uncertainty_weighted_loss,
+    weak_boost_coefficients,
+)
+from poise.functional.gblend import gblend_weights
+from poise.functional.mla import (
+    entropy_fusion_weights,
+    entropy_fusion_weights_released,
+    fixed_fusion_weights,
+    fuse_logits,
+    owm_project,
+    owm_update,
+    owm_update_released,
+    released_owm_alpha,
+)
+from poise.functional.ogm import (
+    ge_noise,
+    modulate_gradients,
+    modulation_coefficients,
+    ogm_coefficients,
+    opm_drop_probabilities,
+    opm_feature_scale,
+    opm_keep_mask,
+    opm_loss_rows,
+    opm_theta,
+    select_modulated_parameters,
+)
+from poise.functional.contrastive import cross_modal_info_nce, info_nce, nt_xent
+from poise.functional.teachers import ensemble_logits, feature_distillation_losses
+
+__all__ = [
+    "confidence_ratios",
+    "confidence_scores",
+    "batch_confidence_ratios",
+    "boost_coefficients_from_ratios",
+    "cross_modal_distillation",
+    "distillation_kl",
+    "distillation_roles",
+    "modality_dropout_mask",
+    "modality_dropout_scale",
+    "uncertainty_weighted_loss",
+    "weak_boost_coefficients",
+    "entropy_fusion_weights",
+    "entropy_fusion_weights_released",
+    "fixed_fusion_weights",
+    "fuse_logits",
+    "gblend_weights",
+    "owm_project",
+    "owm_update",
+    "owm_update_released",
+    "released_owm_alpha",
+    "ensemble_logits",
+    "feature_distillation_losses",
+    "cross_modal_info_nce",
+    "info_nce",
+    "nt_xent",
+    "ge_noise",
+    "modulate_gradients",
+    "modulation_coefficients",
+    "ogm_coefficients",
+    "opm_drop_probabilities",
+    "opm_feature_scale",
+    "opm_keep_mask",
+    "opm_loss_rows",
+    "opm_theta",
+    "select_modulated_parameters",
+]

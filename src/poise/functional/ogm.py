@@ -1,0 +1,155 @@
+"""On-the-fly gradient modulation (OGM, OGM-GE; Peng et al., CVPR 2022) and on-the-fly prediction
+modulation (OPM; Wei et al., TPAMI 2024).
+
+Both read the imbalance from the confidence ratio ``rho_m = s_m / mean_{j != m} s_j`` of the summed
+true-class probabilities ``s_m`` (see :mod:`poise.functional.confidence`); for two modalities this is
+the paper's ``rho_a = s_a / s_v``. Every modality with ``rho_m > 1`` counts as dominant (for two
+modalities: exactly the one with the larger score; at a tie neither is).
+
+- OGM scales the gradients of a dominant modality's encoder by
+  ``k_m = 1 - tanh(alpha * relu(rho_m))`` (the released code; ``k`` jumps from 1 to ``1 - tanh(alpha)``
+  as ``rho`` crosses 1) or ``1 - tanh(alpha * relu(rho_m - 1))`` (continuous), and ``k = 1`` for the
+  others. GE adds ``N(0, std(g) + 1e-8)`` noise, ``std`` of the unscaled gradient, to every modulated
+  tensor of every encoder.
+- OPM drops the features of a dominant modality per sample with probability
+  ``q_m = q_base * (1 + lambda * tanh(relu(rho_m - 1)))`` (clipped to [0, 1]; 0 for the others) and
+  rescales the fused input by ``1 / (1 - theta)``, ``theta = sum_m d_m q_m / sum_m d_m``.
+
+The tensor functions never leave the device (no ``.item()``), so they are safe in the training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from poise.functional.confidence import confidence_ratios, confidence_scores
+
+GE_EPS = 1e-8
+
+ModulatedParameters = Literal["conv", "all"]
+
+
+# ---- OGM -----------------------------------------------------------------------------------------
+def modulation_coefficients(ratios: Tensor, alpha: float, continuous: bool = False) -> Tensor:
+    """(M,) confidence ratios -> (M,) gradient coefficients.
+
+    ``k_m = 1 - tanh(alpha * relu(rho_m))`` where ``rho_m > 1`` (released), or with ``rho_m - 1`` inside
+    the relu when ``continuous``; ``k_m = 1`` elsewhere.
+    """
+    excess = ratios - 1.0 if continuous else ratios
+    slowed = 1.0 - torch.tanh(alpha * torch.relu(excess))
+    return torch.where(ratios > 1.0, slowed, torch.ones_like(slowed))
+
+
+def stack_ratios(scores: dict[str, Tensor]) -> Tensor:
+    """(M,) confidence ratios in the order of ``scores``."""
+    ratios = confidence_ratios(scores)
+    return torch.stack([ratios[m] for m in scores])
+
+
+def ogm_coefficients(
+    unimodal_logits: dict[str, Tensor], labels: Tensor, alpha: float, continuous: bool = False
+) -> dict[str, float]:
+    """The OGM coefficient of each modality for one batch (a convenience for custom loops and for
+    inspection; the training step uses the tensor form :func:`modulation_coefficients`)."""
+    if len(unimodal_logits) < 2:
+        raise ValueError(f"OGM compares modalities and needs at least two, got {len(unimodal_logits)}")
+    scores = confidence_scores(unimodal_logits, labels)
+    coefficients = modulation_coefficients(stack_ratios(scores), alpha, continuous)
+    return {m: float(k) for m, k in zip(scores, coefficients.tolist())}
+
+
+def select_modulated_parameters(parameters: Iterable[nn.Parameter], mode: ModulatedParameters = "conv") -> list[nn.Parameter]:
+    """The parameters of one encoder whose gradients OGM modulates, chosen by tensor rank.
+
+    ``conv``: the 4-D (2-D convolution) weights, as the released code does; never biases, norm
+    layers or anything 1-D. An encoder without 4-D weights (MLP, GRU, token encoders) falls back to
+    all its weight tensors with two or more dimensions (linear, recurrent, embedding, 1-D conv
+    kernels), so that OGM still acts on it. ``all``: every trainable parameter of the encoder.
+    """
+    trainable = [p for p in parameters if p.requires_grad]
+    if mode == "all":
+        return trainable
+    if mode != "conv":
+        raise ValueError(f"unknown parameter selection '{mode}' (expected 'conv' or 'all')")
+    conv = [p for p in trainable if p.dim() == 4]
+    return conv if conv else [p for p in trainable if p.dim() >= 2]
+
+
+def ge_noise(grad: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Gaussian noise shaped like ``grad`` with standard deviation ``std(grad) + 1e-8`` (one scalar per
+    tensor, the unbiased std as ``torch.std`` computes it)."""
+    std = grad.std() if grad.numel() > 1 else grad.new_zeros(())
+    noise = torch.randn(grad.shape, generator=generator, device=grad.device, dtype=grad.dtype)
+    return noise * (std + GE_EPS)
+
+
+def modulate_gradients(
+    groups: Sequence[Sequence[Tensor]],
+    coefficients: Tensor,
+    noise: bool = False,
+    generator: torch.Generator | None = None,
+) -> None:
+    """In place: ``g <- k_m * g`` for every parameter of ``groups[m]`` (``+ ge_noise(g)`` with ``noise``,
+    its std taken before the scaling). Parameters without a gradient are skipped."""
+    for m, params in enumerate(groups):
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            continue
+        k = coefficients[m].to(grads[0].dtype)
+        additive = [ge_noise(g, generator) for g in grads] if noise else None
+        torch._foreach_mul_(grads, k)
+        if additive is not None:
+            torch._foreach_add_(grads, additive)
+
+
+# ---- OPM -----------------------------------------------------------------------------------------
+def opm_drop_probabilities(ratios: Tensor, q_base: float = 0.5, lam: float = 0.5) -> Tensor:
+    """(M,) ratios -> (M,) drop probabilities: ``q_base * (1 + lam * tanh(relu(rho - 1)))`` clipped to
+    [0, 1] for a dominant modality (``rho > 1``), 0 for the others."""
+    dominant = q_base * (1.0 + lam * torch.tanh(torch.relu(ratios - 1.0)))
+    q = torch.where(ratios > 1.0, dominant, torch.zeros_like(dominant))
+    return q.clamp(0.0, 1.0)
+
+
+def opm_theta(q: Tensor, feature_dims: Tensor) -> Tensor:
+    """``theta = sum_m d_m q_m / sum_m d_m``: the expected dropped share of the fused input."""
+    dims = feature_dims.to(q.dtype)
+    return (dims * q).sum() / dims.sum()
+
+
+def opm_keep_mask(q: Tensor, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+    """(B, M) bool: sample i keeps modality m with probability ``1 - q_m``, independently."""
+    u = torch.rand(batch_size, q.shape[0], generator=generator, device=q.device)
+    return u < (1.0 - q)
+
+
+def opm_feature_scale(keep: Tensor, theta: Tensor) -> Tensor:
+    """(B, M) feature multipliers: 0 for a dropped modality, ``1 / (1 - theta)`` for a kept one."""
+    return keep.to(theta.dtype) / (1.0 - theta).clamp_min(1e-6)
+
+
+def opm_loss_rows(keep: Tensor, present: Tensor) -> Tensor:
+    """(B,) bool: the samples that still have at least one modality after dropping (the others leave
+    the loss)."""
+    return (keep & present).any(dim=1)
+
+
+__all__ = [
+    "GE_EPS",
+    "ge_noise",
+    "modulate_gradients",
+    "modulation_coefficients",
+    "ogm_coefficients",
+    "opm_drop_probabilities",
+    "opm_feature_scale",
+    "opm_keep_mask",
+    "opm_loss_rows",
+    "opm_theta",
+    "select_modulated_parameters",
+    "stack_ratios",
+]

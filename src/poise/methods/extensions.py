@@ -1,0 +1,288 @@
+"""Extensions around OGM-GE: boost the weak modality (``boost_weak``), uncertainty-weighted multi-task
+loss (``uncertainty``), cross-modal knowledge distillation (``distill``) and per-sample modality
+dropout (``modality_dropout``). Their mathematics is in :mod:`poise.functional.extensions`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import ConfigDict, Field, field_validator, model_validator
+from torch import Tensor, nn
+
+from poise.errors import IncompatibleError, closest
+from poise.functional.extensions import (
+    batch_confidence_ratios,
+    cross_modal_distillation,
+    distillation_roles,
+    modality_dropout_mask,
+    modality_dropout_scale,
+    uncertainty_weighted_loss,
+    weak_boost_coefficients,
+)
+from poise.methods.base import Method, MethodParams, StepPlan
+
+if TYPE_CHECKING:
+    from poise.data.base import DatasetInfo
+    from poise.data.batch import MultimodalBatch
+    from poise.models.model import ModelOutput
+    from poise.train.context import TrainContext
+
+
+def separate_param_groups(optimizer: torch.optim.Optimizer, groups: dict[str, list[nn.Parameter]]) -> dict[str, list[dict]]:
+    """Move each named list of parameters out of the optimizer's groups into groups of its own, each
+    copying the hyperparameters of the group its parameters came from, so that their learning rate
+    can be changed alone. Optimizer state is keyed by parameter and is kept. Returns name -> the new
+    groups (empty for parameters the optimizer does not hold, e.g. frozen ones)."""
+    out: dict[str, list[dict]] = {}
+    for name, params in groups.items():
+        ids = {id(p) for p in params}
+        out[name] = []
+        for source in list(optimizer.param_groups):
+            moved = [p for p in source["params"] if id(p) in ids]
+            if not moved:
+                continue
+            source["params"] = [p for p in source["params"] if id(p) not in ids]
+            optimizer.add_param_group({**{k: v for k, v in source.items() if k != "params"}, "params": moved})
+            out[name].append(optimizer.param_groups[-1])
+    return out
+
+
+class _ModulationWindow(MethodParams):
+    modulation_starts: int = Field(0, ge=0, description="first epoch (0-based) in which the method acts")
+    modulation_ends: int | None = Field(None, ge=0, description="last epoch in which it acts, inclusive (none: to the end)")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.modulation_ends is not None and self.modulation_ends < self.modulation_starts:
+            raise ValueError(f"modulation_ends ({self.modulation_ends}) is before modulation_starts ({self.modulation_starts})")
+        return self
+
+    def active(self, epoch: int) -> bool:
+        return self.modulation_starts <= epoch and (self.modulation_ends is None or epoch <= self.modulation_ends)
+
+
+# ---- boost_weak ------------------------------------------------------------------------------------
+class BoostWeakParams(_ModulationWindow):
+    alpha: float = Field(0.8, ge=0, description="strength: k_weak = 1 + tanh(alpha * relu(rho_dom - 1)), at most 2")
+    mode: Literal["grad", "lr"] = Field(
+        "grad",
+        description="grad: multiply the weak encoder's gradients by k; lr: multiply its learning rate by k for "
+        "the step (survives Adam, which cancels a gradient scale)",
+    )
+    targets: Literal["below_one", "weakest"] = Field(
+        "below_one",
+        description="more than two modalities: boost every modality with ratio < 1 by its own gap (below_one) "
+        "or only the lowest-ratio one (weakest); identical for two modalities",
+    )
+
+
+class BoostWeak(Method):
+    """The mirror image of OGM: instead of slowing the dominant encoder, raise the weak encoder's
+    update by ``k = 1 + tanh(alpha * relu(1 / rho_m - 1))`` (``= 1 + tanh(alpha * relu(rho_dom - 1))`` for
+    two modalities), from the unimodal confidence ratios of the batch. No noise is added."""
+
+    name = "boost_weak"
+    Params: ClassVar[type[MethodParams]] = BoostWeakParams
+    min_modalities = 2
+    needs_unimodal_logits = True
+    params: BoostWeakParams
+
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        self._encoder_groups: dict[str, list[dict]] = {}
+        self._scheduled_lr: list[tuple[dict, float]] = []
+        if self.params.mode == "lr":
+            # each encoder in a param group of its own; the scheduled learning rate is put back right
+            # after every optimizer step, so the scheduler only ever sees (and decays) scheduled values
+            self._encoder_groups = separate_param_groups(
+                ctx.optimizer, {m: ctx.model.modality_parameters(m) for m in ctx.model.modalities}
+            )
+            ctx.optimizer.register_step_post_hook(self._restore_learning_rates)
+
+    def after_backward(self, output: ModelOutput, batch: MultimodalBatch) -> None:
+        assert self.ctx is not None
+        if not self.params.active(self.ctx.epoch):
+            return
+        coefficients, ratios = weak_boost_coefficients(
+            output.unimodal_logits, batch.labels, self.params.alpha, batch.present, self.params.targets
+        )
+        for m, k in coefficients.items():
+            self.record(f"coef/{m}", k)
+            self.record(f"ratio/{m}", ratios[m])
+        if self.params.mode == "grad":
+            for m, k in coefficients.items():
+                for p in self.ctx.model.modality_parameters(m):
+                    if p.grad is not None:
+                        p.grad.mul_(k)
+            return
+        for m, groups in self._encoder_groups.items():
+            k = float(coefficients[m])  # optimizers take a Python-float learning rate: one sync per step
+            for group in groups:
+                self._scheduled_lr.append((group, group["lr"]))
+                group["lr"] = group["lr"] * k
+
+    def _restore_learning_rates(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group, lr in self._scheduled_lr:
+            group["lr"] = lr
+        self._scheduled_lr.clear()
+
+
+# ---- uncertainty -----------------------------------------------------------------------------------
+class UncertaintyParams(MethodParams):
+    init_log_variance: float = Field(0.0, description="initial s_t = log sigma_t^2 of every term (0: weight 1)")
+    lr: float | None = Field(None, gt=0, description="learning rate of the log-variances (none: trainer.lr)")
+
+
+class UncertaintyWeighting(Method):
+    """Fused and unimodal cross-entropies weighted by learned homoscedastic uncertainty (Kendall et al.,
+    CVPR 2018): ``L = sum_t exp(-s_t) L_t + s_t`` over t in {fused, each modality}, ``s_t = log sigma_t^2``
+    learned with the model (own param group, no weight decay). Prediction: the fused logits."""
+
+    name = "uncertainty"
+    Params: ClassVar[type[MethodParams]] = UncertaintyParams
+    min_modalities = 2
+    needs_unimodal_logits = True
+    params: UncertaintyParams
+
+    def __init__(self, params: MethodParams | dict[str, Any] | None = None, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self.terms: tuple[str, ...] = ()
+        self.log_variances: nn.Parameter | None = None
+
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        self.terms = ("fused", *ctx.model.modalities)
+        self.log_variances = nn.Parameter(torch.full((len(self.terms),), self.params.init_log_variance, device=ctx.device))
+        group: dict[str, Any] = {"params": [self.log_variances], "weight_decay": 0.0}
+        if self.params.lr is not None:
+            group["lr"] = self.params.lr
+        ctx.optimizer.add_param_group(group)
+
+    def loss(self, output: ModelOutput, batch: MultimodalBatch) -> dict[str, Tensor]:
+        assert self.log_variances is not None
+        losses = [F.cross_entropy(output.logits, batch.labels)]
+        active = [torch.ones((), dtype=torch.bool, device=batch.labels.device)]
+        for m in self.terms[1:]:
+            rows = batch.present_of(m)
+            per_sample = F.cross_entropy(output.unimodal_logits[m], batch.labels, reduction="none")
+            losses.append((per_sample * rows).sum() / rows.sum().clamp_min(1))
+            active.append(rows.any())
+        contributions = uncertainty_weighted_loss(torch.stack(losses), self.log_variances, torch.stack(active))
+        weights = torch.exp(-self.log_variances.detach())
+        for i, t in enumerate(self.terms):
+            self.record(f"weight/{t}", weights[i])
+        return {f"ce_{t}": contributions[i] for i, t in enumerate(self.terms)}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.log_variances is None:
+            return {}
+        return {"terms": list(self.terms), "log_variances": self.log_variances.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if self.log_variances is None or tuple(state["terms"]) != self.terms:
+            raise IncompatibleError(
+                f"uncertainty state holds terms {state['terms']}, this run has {list(self.terms) or 'none (not set up)'}"
+            )
+        with torch.no_grad():
+            self.log_variances.copy_(state["log_variances"])
+
+
+# ---- distill ---------------------------------------------------------------------------------------
+class DistillParams(MethodParams):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    lambda_: float = Field(1.0, ge=0, alias="lambda", description="weight of the distillation term added to the fused CE")
+    temperature: float = Field(2.0, gt=0, description="softmax temperature T of teacher and student (loss scaled by T^2)")
+    teacher: str | None = Field(None, description="fixed teacher modality (none: the highest confidence ratio, per batch)")
+    students: Literal["all", "weakest"] = Field(
+        "all", description="distil into every non-teacher modality (all) or only the lowest-ratio one (weakest)"
+    )
+
+
+class Distill(Method):
+    """Knowledge distillation from the stronger modality to the weaker: fused CE plus
+    ``lambda * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))`` on the unimodal logits, the
+    teacher detached and chosen per batch by confidence ratio (or fixed). Prediction stays fused."""
+
+    name = "distill"
+    Params: ClassVar[type[MethodParams]] = DistillParams
+    min_modalities = 2
+    needs_unimodal_logits = True
+    params: DistillParams
+
+    def check(self, info: DatasetInfo, modalities: tuple[str, ...], fusion: str) -> None:
+        super().check(info, modalities, fusion)
+        teacher = self.params.teacher
+        if teacher is not None and teacher not in modalities:
+            raise IncompatibleError(f"distill teacher '{teacher}' is not a trained modality{closest(teacher, modalities)}")
+
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        self._teacher_index = None if self.params.teacher is None else ctx.model.modalities.index(self.params.teacher)
+
+    def loss(self, output: ModelOutput, batch: MultimodalBatch) -> dict[str, Tensor]:
+        ce = F.cross_entropy(output.logits, batch.labels)
+        ratios, valid = batch_confidence_ratios(output.unimodal_logits, batch.labels, batch.present)
+        teacher, students = distillation_roles(ratios, valid, self._teacher_index, self.params.students)
+        kd = cross_modal_distillation(output.unimodal_logits, teacher, students, self.params.temperature, batch.present)
+        for i, m in enumerate(output.unimodal_logits):
+            self.record(f"teacher/{m}", teacher[i])
+        self.record("kd", kd)
+        return {"ce": ce, "kd": self.params.lambda_ * kd}
+
+
+# ---- modality_dropout ------------------------------------------------------------------------------
+class ModalityDropoutParams(MethodParams):
+    p: float | dict[str, float] = Field(
+        0.5, description="drop probability of each modality per sample: one value for all, or modality -> value (others 0)"
+    )
+    rescale: bool = Field(False, description="multiply kept features by 1 / (1 - p) (inverted dropout)")
+
+    @field_validator("p")
+    @classmethod
+    def _probabilities(cls, p: float | dict[str, float]) -> float | dict[str, float]:
+        for value in p.values() if isinstance(p, dict) else (p,):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"drop probabilities must be in [0, 1), got {value}")
+        return p
+
+
+class ModalityDropout(Method):
+    """Per-sample dropping of whole modalities during training (features multiplied by 0 before
+    fusion). A sample that would lose all its present modalities keeps one of them at random. Nothing
+    is dropped at evaluation."""
+
+    name = "modality_dropout"
+    Params: ClassVar[type[MethodParams]] = ModalityDropoutParams
+    min_modalities = 2
+    params: ModalityDropoutParams
+
+    def check(self, info: DatasetInfo, modalities: tuple[str, ...], fusion: str) -> None:
+        super().check(info, modalities, fusion)
+        if isinstance(self.params.p, dict):
+            for m in self.params.p:
+                if m not in modalities:
+                    raise IncompatibleError(f"modality_dropout p names '{m}', which is not a trained modality{closest(m, modalities)}")
+
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        p = self.params.p
+        self._modalities = ctx.model.modalities
+        values = [p.get(m, 0.0) if isinstance(p, dict) else p for m in self._modalities]
+        self._p = torch.tensor(values, dtype=torch.float32, device=ctx.device)
+
+    def on_step_start(self, batch: MultimodalBatch) -> StepPlan:
+        present = torch.stack([batch.present_of(m) for m in self._modalities], dim=1)
+        keep = modality_dropout_mask(present, self._p)
+        scale = modality_dropout_scale(keep, self._p, self.params.rescale)
+        dropped = (present & ~keep).float().sum(0) / present.float().sum(0).clamp_min(1.0)
+        for j, m in enumerate(self._modalities):
+            self.record(f"drop_rate/{m}", dropped[j])
+        return StepPlan(feature_scale={m: scale[:, j] for j, m in enumerate(self._modalities)})
+
+
+__all__ = ["BoostWeak", "Distill", "ModalityDropout", "UncertaintyWeighting", "separate_param_groups"]

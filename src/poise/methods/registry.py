@@ -1,0 +1,65 @@
+"""The explicit registry of methods: name -> class. ``unimodal:<modality>`` selects the unimodal baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from poise.errors import ConfigError, closest
+from poise.methods.base import Method
+from poise.methods.baselines import Joint, Unimodal
+from poise.methods.extensions import BoostWeak, Distill, ModalityDropout, UncertaintyWeighting
+from poise.methods.gblend import GradientBlending
+from poise.methods.mla import MLA
+from poise.methods.ogm import OGM, OGMGE, OPM
+from poise.methods.teachers import UME, UMT
+from poise.registry import Registry
+
+METHODS: Registry[type[Method]] = Registry(
+    "method",
+    {
+        "joint": Joint,
+        "unimodal": Unimodal,
+        "ogm": OGM,
+        "ogm_ge": OGMGE,
+        "opm": OPM,
+        "gblend": GradientBlending,
+        "mla": MLA,
+        "boost_weak": BoostWeak,
+        "uncertainty": UncertaintyWeighting,
+        "distill": Distill,
+        "modality_dropout": ModalityDropout,
+        "umt": UMT,
+        "ume": UME,
+    },
+)
+
+#: methods that balance modalities (everything but the two baselines), in the order reports list them
+BASELINES = ("joint", "unimodal")
+
+
+def balancing_methods() -> list[str]:
+    return [name for name in METHODS if name not in BASELINES]
+
+
+def make_method(spec: str, options: dict[str, Any] | None = None) -> Method:
+    """Build a method from its registered name (``unimodal:<modality>`` for the unimodal baseline)."""
+    name, _, arg = spec.partition(":")
+    cls = METHODS[name]
+    options = dict(options or {})
+    if name == "unimodal":
+        if not arg:
+            raise ConfigError("the unimodal baseline needs a modality: 'unimodal:<modality>'")
+        options["modality"] = arg
+    elif arg:
+        raise ConfigError(f"method '{name}' takes no ':' argument (got '{spec}')")
+    try:
+        return cls(options)
+    except ConfigError:
+        raise
+    except Exception as err:  # pydantic.ValidationError
+        from poise.config import describe_validation_error
+
+        raise ConfigError(describe_validation_error(err, prefix=f"method.{name}")) from None
+
+
+__all__ = ["BASELINES", "METHODS", "balancing_methods", "closest", "make_method"]

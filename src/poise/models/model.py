@@ -1,0 +1,104 @@
+"""The multimodal model: per-modality encoders + fusion (which holds the head)."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from poise.data.base import DatasetInfo
+from poise.data.batch import MultimodalBatch
+from poise.errors import ConfigError, closest
+from poise.models.encoders import DEFAULT_ENCODER, ENCODERS
+from poise.models.fusion import FUSIONS, Fusion
+
+
+@dataclass
+class ModelOutput:
+    """features: modality -> (B, d_m) encoder output (before any feature scaling);
+    unimodal_logits: modality -> (B, C); logits: (B, C) fused;
+    probe_logits: modality -> (B, C) auxiliary-head logits on detached features (only for fusions
+    with auxiliary heads; the trainer trains those heads on them)."""
+
+    features: dict[str, Tensor]
+    unimodal_logits: dict[str, Tensor]
+    logits: Tensor
+    probe_logits: dict[str, Tensor] = field(default_factory=dict)
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, encoders: dict[str, nn.Module], fusion: Fusion):
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.fusion = fusion
+        self.modalities = tuple(encoders)
+
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        """The parameters of one modality's encoder (an explicit group; never chosen by name)."""
+        return list(self.encoders[modality].parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.fusion.parameters())
+
+    def encode(self, batch: MultimodalBatch, modalities: tuple[str, ...] | None = None) -> dict[str, Tensor]:
+        """Encoder features, zeroed for samples where the modality is missing."""
+        features = {}
+        for m in modalities or self.modalities:
+            h = self.encoders[m](batch.inputs[m])
+            present = batch.present_of(m)
+            features[m] = h * present.unsqueeze(1).to(h.dtype)
+        return features
+
+    def forward(self, batch: MultimodalBatch, feature_scale: dict[str, Tensor] | None = None) -> ModelOutput:
+        features = self.encode(batch)
+        fused_in = features
+        if feature_scale:
+            fused_in = {
+                m: h * feature_scale[m].view(-1, 1).to(h.dtype) if m in feature_scale else h for m, h in features.items()
+            }
+        logits, unimodal = self.fusion(fused_in)
+        if feature_scale:
+            unimodal = self.fusion.unimodal(features)
+        probe = {}
+        if not self.fusion.decomposable:
+            probe = self.fusion.unimodal({m: h.detach() for m, h in features.items()})
+        return ModelOutput(features=features, unimodal_logits=unimodal, logits=logits, probe_logits=probe)
+
+
+def build_model(
+    info: DatasetInfo,
+    modalities: tuple[str, ...],
+    fusion: str,
+    feature_dim: int = 64,
+    encoders: dict[str, str] | None = None,
+    encoder_options: dict[str, dict] | None = None,
+    fusion_options: dict[str, Any] | None = None,
+) -> MultimodalModel:
+    """Encoders chosen by each modality's kind unless named in ``encoders``; all produce ``feature_dim``.
+    ``fusion_options`` are keyword arguments of the fusion's constructor."""
+    encoders = dict(encoders or {})
+    for m in encoders:
+        if m not in info.modalities:
+            raise ConfigError(f"model.encoders names unknown modality '{m}'{closest(m, info.modalities)}")
+    modules = {}
+    for m in modalities:
+        spec = info.modalities[m]
+        cls = ENCODERS[encoders.get(m, DEFAULT_ENCODER[spec.kind])]
+        modules[m] = cls(spec, feature_dim, **(encoder_options or {}).get(m, {}))
+    fusion_cls = FUSIONS[fusion]
+    valid = [p for p in inspect.signature(fusion_cls.__init__).parameters if p not in ("self", "feature_dims", "num_classes")]
+    for key in fusion_options or {}:
+        if key not in valid:
+            hint = closest(key, valid) if valid else " (it takes none)"
+            raise ConfigError(f"model.fusion_options: fusion '{fusion}' has no option '{key}'{hint}")
+    return MultimodalModel(modules, fusion_cls({m: feature_dim for m in modalities}, info.num_classes, **(fusion_options or {})))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["ModelOutput", "MultimodalModel", "build_model", "count_parameters"]

@@ -1,0 +1,3 @@
+from poise.train.trainer import RunResult, Trainer
+
+__all__ = ["RunResult", "Trainer"]

@@ -1,0 +1,232 @@
+"""How one optimizer step runs: mixed precision, gradient accumulation, gradient averaging across
+processes and the finiteness checks. The trainer drives it; methods reach it through ``ctx.autocast()``,
+``ctx.backward(loss)`` and ``ctx.optimizer_step()``.
+
+Order within one optimizer step (``accumulate`` micro-batches):
+
+    [per micro-batch]  forward and loss under autocast -> ctx.backward: loss / accumulate, scaled (fp16),
+                       backward outside autocast (DDP averages during the last micro-batch's backward)
+    finish_gradients:  average what DDP did not (a method's own parameters; everything for methods that
+                       own the step), then unscale (fp16)     <- every gradient a method sees is final
+    after_backward     (gradient edits)
+    optimizer_step:    finiteness check (one host sync), clipping, step (through the scaler), zero grad
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from poise.errors import PoiseError
+from poise.train.distributed import average_gradients, is_distributed
+
+if TYPE_CHECKING:
+    from poise.config import RunConfig
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteError(PoiseError):
+    """A loss or gradient became NaN or infinite."""
+
+
+def make_grad_scaler(device: torch.device) -> Any:
+    """The loss scaler of fp16 training (``torch.amp.GradScaler``; the CUDA-only class on older PyTorch)."""
+    try:
+        return torch.amp.GradScaler(device.type)
+    except (AttributeError, TypeError):
+        return torch.cuda.amp.GradScaler()
+
+
+def gradient_norm(grads: list[Tensor]) -> Tensor:
+    """The 2-norm of a list of gradients: one fused reduction; not finite iff some value is not."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def gradient_groups(model: nn.Module, extra: list[nn.Parameter]) -> dict[str, list[nn.Parameter]]:
+    """Parameters by what they belong to, named as an error message names them."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    if hasattr(model, "modality_parameters") and hasattr(model, "head_parameters"):
+        for m in model.modalities:
+            groups[f"modality '{m}' (its encoder)"] = [p for p in model.modality_parameters(m) if p.requires_grad]
+        groups["the fusion head"] = [p for p in model.head_parameters() if p.requires_grad]
+    else:
+        groups["the model"] = [p for p in model.parameters() if p.requires_grad]
+    if extra:
+        groups["the method's own parameters"] = extra
+    return {name: params for name, params in groups.items() if params}
+
+
+class StepEngine:
+    """One run's step machinery. ``forward_module`` is what the training forward goes through: the
+    DistributedDataParallel wrapper of ``model`` in a multi-process run, else ``model`` itself."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, device: torch.device,
+                 method_name: str, owns_optimizer_step: bool, forward_module: nn.Module | None = None,
+                 where: Callable[[], tuple[int, int]] = lambda: (0, 0)):
+        t = config.trainer
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.forward_module = forward_module if forward_module is not None else model
+        self.ddp = isinstance(self.forward_module, DistributedDataParallel)
+        self.method_name = method_name
+        self.owns_step = owns_optimizer_step
+        self.accumulate = t.accumulate
+        self.grad_clip = t.grad_clip
+        self.amp_dtype = AMP_DTYPES.get(t.amp)
+        self.scaler = make_grad_scaler(device) if t.amp == "fp16" else None
+        #: (epoch, step) of the batch in progress, for messages
+        self.where = where
+        model_ids = {id(p) for p in model.parameters()}
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.extra_params = [p for p in self.params if id(p) not in model_ids]
+        self.groups = gradient_groups(model, self.extra_params)
+        self.backward_calls = 0
+        self._gradients_final = False
+        self._loss_flags: list[tuple[int, int, list[str], Tensor]] = []
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Wraps a micro-batch's forward and backward: DDP averages gradients only in the last
+        micro-batch of a step, and never for methods that own the step (they may backpropagate several
+        times per forward; their gradients are averaged in ``finish_gradients``)."""
+        if self.ddp and (self.owns_step or not sync):
+            return self.forward_module.no_sync()
+        return contextlib.nullcontext()
+
+    # ---- backward ---------------------------------------------------------------------------------
+    def backward(self, loss: Tensor) -> None:
+        if self.owns_step and self._gradients_final and self.scaler is not None:
+            raise PoiseError(
+                f"method '{self.method_name}' called ctx.backward twice without ctx.optimizer_step in between; "
+                "with trainer.amp fp16 every backward of a method that owns the step must be followed by a step"
+            )
+        if self.accumulate > 1:
+            loss = loss / self.accumulate
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            loss.backward()
+        self.backward_calls += 1
+        if self.owns_step:
+            self.finish_gradients()
+
+    def release_without_backward(self, output: Any) -> None:
+        """A DDP step in which the method backpropagated nothing (it skipped the batch): every rank must
+        still take part in the gradient reduction DDP prepared in the forward. A zero backward does that;
+        the gradients are then dropped, so the step changes nothing."""
+        from torch.nn.parallel.distributed import _find_tensors
+
+        anchors = [t.sum() for t in _find_tensors(output) if t.requires_grad]
+        if self.ddp and anchors:
+            (torch.stack(anchors).sum() * 0.0).backward()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def has_gradients(self) -> bool:
+        return any(p.grad is not None for p in self.params)
+
+    def finish_gradients(self) -> None:
+        """Make the gradients final before any method reads them: averaged over ranks, unscaled."""
+        if self._gradients_final:
+            return
+        if is_distributed():
+            if self.owns_step or not self.ddp:
+                average_gradients(self.params)
+            elif self.extra_params:
+                average_gradients(self.extra_params)
+        if self.scaler is not None and self.has_gradients():
+            self.scaler.unscale_(self.optimizer)
+        self._gradients_final = True
+
+    # ---- checks -----------------------------------------------------------------------------------
+    def note_loss(self, terms: dict[str, Tensor]) -> None:
+        """Remember whether each loss term is finite (no sync; checked at the next step)."""
+        if not terms:
+            return
+        flags = torch.stack([torch.isfinite(v.detach()).all() for v in terms.values()])
+        epoch, step = self.where()
+        self._loss_flags.append((epoch, step, list(terms), flags))
+
+    def check_finite(self, gradients: bool = True) -> None:
+        """Raise NonFiniteError naming the step, the method and the loss term or the modality whose
+        values are not finite. One host sync for all pending loss terms and every gradient group.
+        Gradients are not checked under fp16: there the scaler skips a step with overflowing gradients."""
+        parts = [flags for *_, flags in self._loss_flags]
+        group_names: list[str] = []
+        if gradients and self.scaler is None:
+            norms = []
+            for name, params in self.groups.items():
+                grads = [p.grad for p in params if p.grad is not None]
+                if grads:
+                    group_names.append(name)
+                    norms.append(gradient_norm(grads))
+            if norms:
+                parts.append(torch.isfinite(torch.stack(norms)))
+        if not parts:
+            return
+        flags = torch.cat([p.reshape(-1).to(self.device) for p in parts]).tolist()
+        pending, self._loss_flags = self._loss_flags, []
+        if all(flags):
+            return
+        epoch, step = self.where()
+        offset = 0
+        for loss_epoch, loss_step, names, term_flags in pending:
+            for name, ok in zip(names, flags[offset: offset + len(names)]):
+                if not ok:
+                    raise NonFiniteError(
+                        f"loss term '{name}' of method '{self.method_name}' is not finite at epoch {loss_epoch}, step {loss_step}"
+                    )
+            offset += len(names)
+        for name, ok in zip(group_names, flags[offset:]):
+            if not ok:
+                raise NonFiniteError(
+                    f"the gradient of {name} is not finite after the backward pass and the gradient edits of "
+                    f"method '{self.method_name}' at epoch {epoch}, step {step}"
+                )
+
+    # ---- the step ---------------------------------------------------------------------------------
+    def optimizer_step(self) -> None:
+        """Finish the gradients, check them, clip, step (through the scaler) and zero them. A step
+        without any gradient (the method skipped the batch) leaves the parameters and the optimizer
+        state as they are."""
+        if not self.has_gradients():
+            self.check_finite(gradients=False)
+            self._reset()
+            return
+        self.finish_gradients()
+        self.check_finite()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.backward_calls = 0
+        self._gradients_final = False
+
+    # ---- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any] | None:
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+__all__ = ["AMP_DTYPES", "NonFiniteError", "StepEngine", "gradient_groups", "gradient_norm", "make_grad_scaler"]
