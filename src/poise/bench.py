@@ -75,7 +75,7 @@ def splits_for(dataset: str, cfg: RunConfig):
 
 
 def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str | None, threads: int | None = None,
-              init_dir: str | None = None) -> dict:
+              init_dir: str | None = None, resume: bool = False) -> dict:
     """One run; a plain function of plain arguments so that it can run in a worker process."""
     import torch
 
@@ -86,8 +86,26 @@ def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str |
     cfg = RunConfig(**cfg_dict)
     splits = splits_for(dataset, cfg)
     method = make_method(spec, method_options(cfg, spec))
-    result = Trainer(splits, method, cfg, seed=seed, out_dir=out_dir, method_name=spec, init_dir=init_dir).fit()
+    result = Trainer(splits, method, cfg, seed=seed, out_dir=out_dir, method_name=spec, init_dir=init_dir,
+                     resume=resume).fit()
     return result.to_dict()
+
+
+def warm_up(threads: int | None = None) -> None:
+    """Import and initialise once per process what every run uses (the optimiser machinery, TensorBoard,
+    the probe's solver), so that the first run of a process is not charged for it in ``train_seconds``."""
+    import torch
+    from sklearn.linear_model import LogisticRegression  # noqa: F401
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+    import poise.train.trainer  # noqa: F401
+
+    if threads:
+        torch.set_num_threads(threads)
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    (p ** 2).sum().backward()
+    opt.step()
 
 
 def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig, out: Path, workers: int = 1,
@@ -113,6 +131,7 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
         return str(out / "runs" / spec.replace(":", "_") / f"seed{seed}")
 
     if workers <= 1:
+        warm_up()
         for spec, seed in jobs:
             results[(spec, seed)] = train_one(dataset, spec, cfg_dict, seed, run_dir(spec, seed))
             log(_line(results[(spec, seed)]))
@@ -120,7 +139,8 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
     else:
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=warm_up,
+                                 initargs=(1,)) as pool:
             futures = {
                 pool.submit(train_one, dataset, spec, cfg_dict, seed, run_dir(spec, seed), 1): (spec, seed)
                 for spec, seed in jobs

@@ -66,6 +66,9 @@ AVDIGITS_DEFAULTS: dict[str, Any] = {
         "encoder_options": {"visual": {"hidden": 256, "depth": 2}, "audio": {"hidden": 8, "depth": 3}},
     },
     "dataset": AvDigitsOptions().model_dump(),
+    # chosen on the validation split (3 seeds: lr 0.1 -> 86.0 %, 0.01 -> 93.1 %, 0.001 -> 97.4 %): at the
+    # trainer's lr the learned weights exp(-s_t) track 1 / L_t as the training loss falls and the run diverges
+    "method": {"uncertainty": {"lr": 0.001}},
 }
 
 

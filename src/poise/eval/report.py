@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -77,16 +78,18 @@ def write_report(results: dict, out: Path) -> Path:
 
 
 def _curves(runs: list[dict], getter) -> np.ndarray | None:
-    series = []
-    for r in runs:
-        vals = [getter(h) for h in r["history"]]
-        if any(v is None for v in vals):
-            return None
-        series.append(vals)
+    """The mean over runs of one value per epoch; epochs in which a run did not record it are gaps."""
+    series = [[np.nan if (v := getter(h)) is None else v for h in r["history"]] for r in runs]
+    series = [s for s in series if s]
     if not series:
         return None
     n = min(len(s) for s in series)
-    return np.asarray([s[:n] for s in series], dtype=float).mean(0)
+    values = np.asarray([s[:n] for s in series], dtype=float)
+    if np.isnan(values).all():
+        return None
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an epoch no run recorded stays a gap
+        return np.nanmean(values, axis=0)
 
 
 def write_plots(results: dict, out: Path) -> list[str]:
@@ -137,15 +140,15 @@ def write_plots(results: dict, out: Path) -> list[str]:
     if with_ratio:
         fig, axes = grid(len(mods))
         for ax, m in zip(axes, mods):
-            for method, runs in with_ratio.items():
+            for i, (method, runs) in enumerate(with_ratio.items()):
                 c = _curves(runs, lambda h, m=m: h["confidence_ratio"].get(m))
-                if c is not None:
-                    ax.plot(c, label=method)
+                if c is not None:  # ten colours, then the same colours dashed
+                    ax.plot(c, label=method, color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.set_yscale("log")
             ax.set_title(f"confidence ratio of {m}", fontsize=9)
             ax.set_xlabel("epoch")
-        axes[0].legend(fontsize=6)
+        axes[len(mods) - 1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
         save(fig, "confidence_ratio.png")
 
     with_records = {k: v for k, v in groups.items() if any(h["method"] for r in v for h in r["history"])}
@@ -155,10 +158,11 @@ def write_plots(results: dict, out: Path) -> list[str]:
             keys = sorted({k for r in runs for h in r["history"] for k in h["method"]})
             for k in keys[:8]:
                 c = _curves(runs, lambda h, k=k: h["method"].get(k))
-                if c is not None:
-                    ax.plot(c, label=k)
+                if c is not None:  # values recorded once (before training) show as points
+                    ax.plot(c, marker="o" if np.isfinite(c).sum() < 3 else None, label=k)
             ax.set_title(method, fontsize=9)
             ax.set_xlabel("epoch")
-            ax.legend(fontsize=6)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
         save(fig, "method_records.png")
     return written
