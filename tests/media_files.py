@@ -61,6 +61,30 @@ def write_video(path: Path, seconds: float = 2.0, fps: int = 5, size=(32, 24), s
                 container.mux(packet)
 
 
+def write_moving_video(path: Path, frames: int = 8, shift: int = 2, size=(64, 48), fps: int = 25, seed: int = 0) -> None:
+    """A video without audio (MPEG-4 in an .avi, as UCF-101 is distributed) of a smooth random
+    texture moving ``shift`` pixels to the right every frame: its optical flow is (shift, 0)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    phase = np.random.default_rng(seed).uniform(0, 2 * np.pi, 3)
+    x = np.arange(size[0] + frames * shift)[None, :, None]
+    y = np.arange(size[1])[:, None, None]
+    texture = (127 + 50 * np.sin(2 * np.pi * x / 23 + phase) + 50 * np.sin(2 * np.pi * (x / 37 + y / 13) + phase[::-1]))
+    texture = texture.clip(0, 255).astype(np.uint8)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = size[0], size[1], "yuv420p"
+        video.options = {"qscale": "2"}
+        start = frames * shift
+        for t in range(frames):
+            image = np.ascontiguousarray(texture[:, start - t * shift: start - t * shift + size[0]])
+            for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+
+
 def cremad_clips(per_class_train: int = 2, per_class_test: int = 1) -> dict[str, list[tuple[str, str]]]:
     out: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
     n = 0

@@ -2,6 +2,7 @@
 
 import math
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -358,8 +359,8 @@ def test_ucf101_rgb_and_flow(tmp_path):
 
 
 # ---- image + text -----------------------------------------------------------------------------------
-def test_food101_layout_with_word_vocabulary(tmp_path):
-    root = tmp_path / "food"
+def write_food101(root):
+    """The UPMC Food-101 layout: texts/<split>_titles.csv, images/<split>/<label>/<image>."""
     rows = []
     for split, n in (("train", 6), ("test", 2)):
         for i in range(n):
@@ -371,6 +372,11 @@ def test_food101_layout_with_word_vocabulary(tmp_path):
     for split in ("train", "test"):
         lines = ["image_path,text,label"] + [f'{n},"{t}",{lab}' for s, n, t, lab in rows if s == split]
         (root / "texts" / f"{split}_titles.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_food101_layout_with_word_vocabulary(tmp_path, monkeypatch):
+    root = tmp_path / "food"
+    write_food101(root)
     splits = load_dataset(f"food101:{root}", {**SMALL, "max_length": 6}, DataConfig(val_fraction=0.34))
     assert splits.info.class_names == ("apple_pie", "ramen")
     spec = splits.info.modalities["text"]
@@ -378,8 +384,63 @@ def test_food101_layout_with_word_vocabulary(tmp_path):
     inputs = splits.test[0][0]
     assert inputs["visual"].shape == (3, 32, 32) and inputs["text"].dtype == torch.long
     assert int(inputs["text"][0]) > 1 and int(inputs["text"][-1]) == 0  # known word, then padding
-    with pytest.raises(DataError, match="transformers"):
+    with pytest.raises(DataError, match="tokenizer folder '.*nowhere' does not exist"):
+        load_dataset(f"food101:{root}", {**SMALL, "tokenizer": str(tmp_path / "nowhere")}, DataConfig())
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed: the error names the extra
+    with pytest.raises(DataError, match=r"'transformers' package, part of the text extra: pip install 'poise\[text\]'"):
         load_dataset(f"food101:{root}", {**SMALL, "tokenizer": str(tmp_path)}, DataConfig())
+
+
+def save_word_tokenizer(folder, words, pad_id=0):
+    """A small Hugging Face tokenizer (WordLevel, lower-cased, BERT's [CLS] ... [SEP] template) saved
+    with ``save_pretrained``, as a user's local BERT folder would be; ``pad_id`` places [PAD]."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers.processors import TemplateProcessing
+
+    special = ["[UNK]", "[CLS]", "[SEP]"]
+    specials = special[:pad_id] + ["[PAD]"] + special[pad_id:]
+    vocab = {w: i for i, w in enumerate(specials + list(words))}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = tokenizers.normalizers.Lowercase()
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                cls_token="[CLS]", sep_token="[SEP]")
+    fast.save_pretrained(str(folder))
+    return vocab
+
+
+def test_food101_and_mvsa_with_a_local_hugging_face_tokenizer(tmp_path):
+    root = tmp_path / "food"
+    write_food101(root)
+    vocab = save_word_tokenizer(tmp_path / "bert", ["best", "apple", "pie", "ramen", "recipe"])
+    splits = load_dataset(f"food101:{root}", {**SMALL, "max_length": 7, "tokenizer": str(tmp_path / "bert")},
+                          DataConfig(val_fraction=0.34))
+    assert splits.info.modalities["text"].vocab_size == len(vocab) == 9
+    text = splits.test[0][0]["text"]  # "Best apple pie recipe 0" (cleaned: no RT, no '#', no link)
+    assert text.tolist() == [vocab[w] for w in ("[CLS]", "best", "apple", "pie", "recipe", "[UNK]", "[SEP]")]
+    short = load_dataset(f"food101:{root}", {**SMALL, "max_length": 4, "tokenizer": str(tmp_path / "bert")}, DataConfig())
+    assert short.test[0][0]["text"].tolist() == [vocab["[CLS]"], vocab["best"], vocab["apple"], vocab["[SEP]"]]
+
+    # a tokenizer that pads with id 2: padding becomes 0 (what the encoders mask) and its id 0
+    # ([UNK] here) becomes 2
+    mvsa = tmp_path / "mvsa"
+    lines = ["ID\ttext,image"]
+    for i in range(1, 11):
+        write_jpgs(mvsa / "data", 1, seed=i, names=f"{i}.jpg")
+        (mvsa / "data" / f"{i}.txt").write_text("good sunny day" if i % 2 else "bad")
+        lines.append(f"{i}\t{('negative', 'positive')[i % 2]},neutral")
+    (mvsa / "labelResultAll.txt").write_text("\n".join(lines) + "\n")
+    vocab = save_word_tokenizer(tmp_path / "padded", ["good", "bad", "day"], pad_id=2)
+    assert vocab["[PAD]"] == 2 and vocab["[UNK]"] == 0
+    splits = load_dataset(f"mvsa:{mvsa}", {**SMALL, "max_length": 6, "tokenizer": str(tmp_path / "padded")},
+                          DataConfig(val_fraction=0.2))
+    items = [splits.train[i] for i in range(len(splits.train))]
+    good = next(x[0]["text"] for x in items if x[1] == 2)
+    assert good.tolist() == [vocab["[CLS]"], vocab["good"], 2, vocab["day"], vocab["[SEP]"], 0]
+    with pytest.raises(DataError, match="tokenizer folder .* cannot be loaded"):
+        load_dataset(f"mvsa:{mvsa}", {**SMALL, "tokenizer": str(tmp_path)}, DataConfig())
 
 
 def test_mvsa_label_rule_and_listed_conflicts(tmp_path):

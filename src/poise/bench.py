@@ -110,6 +110,11 @@ def warm_up(threads: int | None = None) -> None:
 
 def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig, out: Path, workers: int = 1,
               log=print) -> dict:
+    from poise.train.distributed import is_main_process, launched_by_torchrun
+
+    if workers > 1 and launched_by_torchrun():
+        raise ConfigError("under torchrun every run already uses all the processes torchrun started; "
+                          "leave --workers at 1")
     out.mkdir(parents=True, exist_ok=True)
     # Validate every method's options (and compatibility) before the first run starts.
     splits = splits_for(dataset, cfg)
@@ -122,6 +127,8 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
     results: dict[tuple[str, int], dict] = {}
 
     def save():
+        if not is_main_process():  # under torchrun only rank 0 writes
+            return
         runs = [results[j] for j in jobs if j in results]
         from poise.train.trainer import atomic_write_text
 
@@ -150,6 +157,8 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
                 log(_line(results[futures[fut]]))
                 save()
     save()
+    if not is_main_process():
+        return json.loads(json.dumps({"dataset": dataset, "runs": [results[j] for j in jobs]}))
     return json.loads((out / "results.json").read_text())
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from poise.errors import PoiseError
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="avdigits, synthetic, npz:PATH, ...")
+def _common(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
+    p.add_argument("--dataset", required=dataset_required, help="avdigits, synthetic, npz:PATH, ...")
     p.add_argument("--config", help="YAML file or the name of a shipped preset")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. trainer.epochs=5 or method.ogm_ge.alpha=0.5 (repeatable)")
@@ -22,12 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poise", description="Balanced multimodal learning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one method with one seed")
-    _common(p)
-    p.add_argument("--method", required=True, help="joint, unimodal:<modality>, ogm_ge, ...")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="run folder (result.json, metrics.jsonl, tensorboard/, best.pt)")
+    p = sub.add_parser("train", help="train one method with one seed (under torchrun: on every process it starts)")
+    _common(p, dataset_required=False)
+    p.add_argument("--method", help="joint, unimodal:<modality>, ogm_ge, ...")
+    p.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
+    p.add_argument("--out", help="run folder (run.json, checkpoint.pt, result.json, metrics.jsonl, tensorboard/, best.pt)")
     p.add_argument("--init", help="folder written by 'poise pretrain': start from those encoders")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from its checkpoint.pt, with the dataset, method, seed and "
+                        "configuration stored in DIR/run.json")
 
     p = sub.add_parser("bench", help="several methods x seeds, with a report and plots")
     _common(p)
@@ -43,12 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--objective", choices=("contrastive", "augment"), default="contrastive",
+                   help="contrastive: cross-modal InfoNCE between the modalities of a sample; augment: NT-Xent between two views")
+    p.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: trainer.epochs)")
+    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the objective")
 
     p = sub.add_parser("prepare", help="decode a dataset's videos and audio once into the cache its loader reads")
-    p.add_argument("dataset", help="cremad, kinetics_sounds, ave or vggsound")
+    p.add_argument("dataset", help="cremad, kinetics_sounds, ave, vggsound, ucf101, food101 or mvsa")
     p.add_argument("--raw", required=True, help="folder with the split lists and the raw videos / audio")
     p.add_argument("--out", required=True, help="prepared folder, then used as --dataset NAME:OUT")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel worker processes")
+    p.add_argument("--flow", choices=("tvl1", "farneback"), default=None,
+                   help="ucf101: optical flow algorithm (default: tvl1 when OpenCV has its contrib modules, else farneback)")
 
     sub.add_parser("list", help="registered datasets, methods, fusions and encoders")
     return parser
@@ -72,19 +81,87 @@ def _config(args):
     return run_config(args.dataset, file_layer, parse_set(args.sets))
 
 
+RUN_FILE = "run.json"
+
+
+def _stored_run(args) -> dict:
+    """The dataset, method, seed, init folder and configuration of the run that ``--resume DIR`` continues;
+    refused when anything given on the command line differs from them."""
+    from poise.config import RunConfig
+    from poise.train.checkpoint import CHECKPOINT_FILE, first_difference
+
+    run_dir = Path(args.resume)
+    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+        raise PoiseError(f"--resume {run_dir} continues the run in that folder; leave out --out (got '{args.out}')")
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        raise PoiseError(f"cannot resume: '{path}' does not exist; --resume takes a run folder written by 'poise train'")
+    try:
+        stored = json.loads(path.read_text())
+        RunConfig(**stored["config"])
+        stored["dataset"], stored["method"], stored["seed"]
+    except Exception as err:
+        raise PoiseError(f"cannot resume: '{path}' is not a poise run description ({err})") from None
+    given = {"--dataset": args.dataset, "--method": args.method, "--seed": args.seed, "--init": args.init}
+    kept = {"--dataset": stored["dataset"], "--method": stored["method"], "--seed": stored["seed"],
+            "--init": stored.get("init")}
+    for flag, value in given.items():
+        if value is not None and value != kept[flag]:
+            raise PoiseError(f"cannot resume: the run in '{run_dir}' was started with {flag} {kept[flag]}, not {value}; "
+                             f"--resume takes the run's settings from '{path}' (leave {flag} out)")
+    if args.config or args.sets:
+        from poise.bench import run_config
+        from poise.config import load_config_file, parse_set
+
+        file_layer = load_config_file(args.config) if args.config else {}
+        cfg = run_config(stored["dataset"], file_layer, parse_set(args.sets))
+        differs = first_difference(stored["config"], cfg.model_dump())
+        if differs is not None:
+            raise PoiseError(f"cannot resume: the configuration given differs from the run's own at '{differs}'; "
+                             f"--resume takes the configuration from '{path}' (leave out --config and --set)")
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        raise PoiseError(f"cannot resume: '{run_dir / CHECKPOINT_FILE}' does not exist (the run stopped before its first "
+                         "checkpoint, or trainer.checkpoint was false); start the run again without --resume")
+    return stored
+
+
 def cmd_train(args) -> int:
-    from poise.bench import train_one
-    from poise.train.trainer import atomic_write_text
+    from poise.bench import expand_methods, method_options, splits_for, train_one
+    from poise.config import RunConfig
+    from poise.methods.registry import make_method
+    from poise.train.distributed import is_main_process, shutdown
+    from poise.train.trainer import Trainer, atomic_write_text
 
-    cfg = _config(args)
-    from poise.bench import expand_methods, splits_for
-
-    expand_methods(args.method, tuple(splits_for(args.dataset, cfg).info.modalities))
-    out = Path(args.out)
-    run = train_one(args.dataset, args.method, cfg.model_dump(), args.seed, str(out), init_dir=args.init)
-    atomic_write_text(json.dumps({"dataset": args.dataset, **run}, indent=1), out / "result.json")
+    if args.resume:
+        stored = _stored_run(args)
+        dataset, method, seed, init = stored["dataset"], stored["method"], stored["seed"], stored.get("init")
+        cfg = RunConfig(**stored["config"])
+        out = Path(args.resume)
+    else:
+        missing = [flag for flag, value in (("--dataset", args.dataset), ("--method", args.method), ("--out", args.out))
+                   if value is None]
+        if missing:
+            raise PoiseError(f"poise train needs {', '.join(missing)} (or --resume DIR to continue a run)")
+        dataset, method, seed, init = args.dataset, args.method, 0 if args.seed is None else args.seed, args.init
+        cfg = _config(args)
+        out = Path(args.out)
+    splits = splits_for(dataset, cfg)
+    expand_methods(method, tuple(splits.info.modalities))
+    try:
+        # refuse an incompatible method, fusion or option before anything is written (under torchrun
+        # this also joins the process group)
+        Trainer(splits, make_method(method, method_options(cfg, method)), cfg, seed=seed, method_name=method).build_model()
+        if not args.resume and is_main_process():
+            description = {"dataset": dataset, "method": method, "seed": seed, "init": init, "config": cfg.model_dump()}
+            atomic_write_text(json.dumps(description, indent=1), out / RUN_FILE)
+        run = train_one(dataset, method, cfg.model_dump(), seed, str(out), init_dir=init, resume=bool(args.resume))
+        if not is_main_process():
+            return 0
+    finally:
+        shutdown()
+    atomic_write_text(json.dumps({"dataset": dataset, **run}, indent=1), out / "result.json")
     t = run["test"]
-    print(f"{args.method} seed {args.seed}: test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}, "
+    print(f"{method} seed {seed}: test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}, "
           f"best epoch {run['best_epoch']}")
     for m in t["unimodal_accuracy"]:
         probe = t["probe_accuracy"].get(m)
@@ -103,9 +180,18 @@ def cmd_bench(args) -> int:
     if args.workers < 1:
         raise PoiseError(f"--workers must be at least 1, got {args.workers}")
     out = Path(args.out)
-    print(f"bench on {args.dataset}: {len(methods)} methods x {len(seeds)} seeds -> {out}", flush=True)
-    results = run_bench(args.dataset, methods, seeds, cfg, out, workers=args.workers,
-                        log=lambda line: print(line, flush=True))
+    from poise.train.distributed import is_main_process, shutdown
+
+    main_process = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone prints and writes
+    if main_process:
+        print(f"bench on {args.dataset}: {len(methods)} methods x {len(seeds)} seeds -> {out}", flush=True)
+    try:
+        results = run_bench(args.dataset, methods, seeds, cfg, out, workers=args.workers,
+                            log=lambda line: print(line, flush=True) if main_process else None)
+        if not is_main_process():
+            return 0
+    finally:
+        shutdown()
     write_report(results, out)
     print()
     print(summary_table(results))
@@ -134,7 +220,12 @@ def cmd_pretrain(args) -> int:
     from poise.train.pretrain import run_pretrain
 
     cfg = _config(args)
-    summary = run_pretrain(splits_for(args.dataset, cfg), cfg, Path(args.out), args.seed)
+    if args.epochs is not None and args.epochs < 1:
+        raise PoiseError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.temperature <= 0:
+        raise PoiseError(f"--temperature must be positive, got {args.temperature}")
+    summary = run_pretrain(splits_for(args.dataset, cfg), cfg, Path(args.out), args.seed, args.objective,
+                           epochs=args.epochs, temperature=args.temperature)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -144,7 +235,8 @@ def cmd_prepare(args) -> int:
 
     if args.workers < 1:
         raise PoiseError(f"--workers must be at least 1, got {args.workers}")
-    summary = run_prepare(args.dataset, Path(args.raw), Path(args.out), workers=args.workers, progress=sys.stderr.isatty())
+    summary = run_prepare(args.dataset, Path(args.raw), Path(args.out), workers=args.workers, progress=sys.stderr.isatty(),
+                          flow=args.flow)
     print(f"{args.dataset}: {summary['prepared']} clips prepared, {summary['already_prepared']} already done, "
           f"{summary['skipped']} skipped (listed in {summary['report']})")
     return 0

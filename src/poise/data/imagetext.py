@@ -3,7 +3,8 @@
 Texts become token ids (T,) with 0 for padding: by default through a word-level vocabulary built
 from the training texts (lower-cased words, ids by frequency, 1 for unknown words); with
 ``tokenizer: DIR``, through a Hugging Face tokenizer saved in a local folder (the released code
-uses BERT's, ``max_length`` 40; needs the ``transformers`` package, imported only then).
+uses BERT's, ``max_length`` 40; needs the ``transformers`` package, the ``text`` extra, imported
+only then; nothing is downloaded: the folder is what ``save_pretrained`` writes).
 Texts are tokenised once when the dataset is built (cheap); images are read lazily.
 """
 
@@ -49,25 +50,39 @@ def word_vocabulary(texts: Sequence[str], min_count: int, max_vocab: int) -> dic
     return {w: i + 2 for i, w in enumerate(words[: max_vocab - 2])}
 
 
+def hugging_face_ids(texts: Sequence[str], folder: str, max_length: int) -> tuple[np.ndarray, int]:
+    """Token ids from a Hugging Face tokenizer saved in ``folder`` (``save_pretrained``; never
+    downloaded), padded or cut to ``max_length`` with its special tokens, as the released code
+    calls BERT's. The encoders take id 0 as padding, so when the tokenizer pads with another id
+    the two ids are swapped; the vocabulary size is unchanged."""
+    from poise.data.media import require
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataError(f"tokenizer folder '{folder}' does not exist")
+    transformers = require("transformers", extra="text")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"tokenizer folder '{folder}' cannot be loaded: {first}") from None
+    if tokenizer.pad_token_id is None:
+        raise DataError(f"the tokenizer in '{folder}' has no padding token (its pad_token is not set)")
+    encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length)["input_ids"]
+    ids = np.asarray(encoded, dtype=np.int64).reshape(len(texts), max_length)
+    pad = int(tokenizer.pad_token_id)
+    if pad != PAD:
+        ids = np.where(ids == pad, -1, ids)
+        ids = np.where(ids == PAD, pad, ids)
+        ids[ids == -1] = PAD
+    return ids, int(len(tokenizer))
+
+
 def tokenize_texts(texts: Sequence[str], train_rows: np.ndarray, options: TextOptions) -> tuple[np.ndarray, int]:
     """(N, max_length) int64 ids and the vocabulary size."""
-    ids = np.zeros((len(texts), options.max_length), dtype=np.int64)
     if options.tokenizer:
-        from poise.data.media import require
-
-        transformers = require("transformers")
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(options.tokenizer, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise DataError(f"tokenizer folder '{options.tokenizer}' cannot be loaded: {e}") from None
-        encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=options.max_length)["input_ids"]
-        pad = tokenizer.pad_token_id or 0
-        ids[:] = np.asarray(encoded, dtype=np.int64)
-        if pad != PAD:  # the encoders treat id 0 as padding: swap it with the tokenizer's padding id
-            ids = np.where(ids == pad, -1, ids)
-            ids = np.where(ids == PAD, pad, ids)
-            ids[ids == -1] = PAD
-        return ids, int(len(tokenizer))
+        return hugging_face_ids(texts, options.tokenizer, options.max_length)
+    ids = np.zeros((len(texts), options.max_length), dtype=np.int64)
     vocab = word_vocabulary([texts[i] for i in train_rows], options.min_count, options.max_vocab)
     for i, text in enumerate(texts):
         words = [vocab.get(w, UNKNOWN) for w in WORD.findall(text.lower())][: options.max_length]
@@ -107,9 +122,8 @@ def _food_columns(header: list[str]) -> tuple[int, int, int] | None:
     return None
 
 
-def build_food101(arg: str | None, options: Food101Options, val_fraction: float, split_seed: int) -> DataSplits:
-    root = dataset_folder(arg, "food101")
-    train_images = root / options.images_dir / "train"
+def food101_rows(root: Path, options: Food101Options) -> list[tuple[str, str, str, str, str]]:
+    """(image name, text, label, split, origin) of every line of the two title lists."""
     raw = []
     for split in ("train", "test"):
         file = root / options.texts_dir / f"{split}_titles.csv"
@@ -127,6 +141,13 @@ def build_food101(arg: str | None, options: Food101Options, val_fraction: float,
             if len(fields) <= max(image_col, text_col, label_col):
                 raise DataError(f"{origin}: expected image name, text and label, got {fields!r}")
             raw.append((fields[image_col], fields[text_col], fields[label_col], split, origin))
+    return raw
+
+
+def build_food101(arg: str | None, options: Food101Options, val_fraction: float, split_seed: int) -> DataSplits:
+    root = dataset_folder(arg, "food101")
+    train_images = root / options.images_dir / "train"
+    raw = food101_rows(root, options)
     if train_images.is_dir():
         classes = sorted(p.name for p in train_images.iterdir() if p.is_dir())
     else:
@@ -169,12 +190,12 @@ def mvsa_label(text_label: str, image_label: str) -> str | None:
     return None
 
 
-def build_mvsa(arg: str | None, options: MvsaOptions, val_fraction: float, split_seed: int) -> DataSplits:
-    root = dataset_folder(arg, "mvsa")
+def mvsa_rows(root: Path, options: MvsaOptions) -> list[tuple[str, str, str, str]]:
+    """(post ID, text label, image label, origin) of every line of the label file."""
     file = root / options.labels_file
     if not file.is_file():
         raise DataError(f"MVSA label file '{file}' does not exist")
-    problems, conflicts, kept = [], [], []
+    rows = []
     for number, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         fields = line.split("\t")
         if number == 1 and not fields[0].strip().isdigit() or not line.strip():
@@ -185,10 +206,18 @@ def build_mvsa(arg: str | None, options: MvsaOptions, val_fraction: float, split
             raise DataError(f"{origin}: expected 'ID<TAB>text_label,image_label', got '{line}'")
         for x in pair:
             class_index(x.strip(), MVSA_CLASSES, origin)
-        label = mvsa_label(pair[0].strip(), pair[1].strip())
-        post = fields[0].strip()
+        rows.append((fields[0].strip(), pair[0].strip(), pair[1].strip(), origin))
+    return rows
+
+
+def build_mvsa(arg: str | None, options: MvsaOptions, val_fraction: float, split_seed: int) -> DataSplits:
+    root = dataset_folder(arg, "mvsa")
+    file = root / options.labels_file
+    problems, conflicts, kept = [], [], []
+    for post, text_label, image_label, origin in mvsa_rows(root, options):
+        label = mvsa_label(text_label, image_label)
         if label is None:
-            conflicts.append(f"{origin}: post {post} has text label '{pair[0]}' and image label '{pair[1]}'")
+            conflicts.append(f"{origin}: post {post} has text label '{text_label}' and image label '{image_label}'")
             continue
         image, text = root / options.data_dir / f"{post}.jpg", root / options.data_dir / f"{post}.txt"
         lacking = next((p for p in (image, text) if not p.is_file()), None)

@@ -2,10 +2,20 @@
 
 Per run:    check(info, modalities, fusion) -> setup(ctx)
 Per epoch:  on_epoch_start(epoch, loader) -> [per step] -> on_epoch_end(epoch)
-Per step:   on_step_start(batch) -> model(batch, plan.feature_scale) -> loss(output, batch)
-            -> backward(terms, output, batch) -> after_backward(output, batch)
-            -> gradient clipping -> optimizer step (unless the method owns it)
+Per step:   [per micro-batch: on_step_start(batch) -> model(batch, plan.feature_scale) -> loss(output, batch)
+            -> backward(terms, output, batch)] -> gradients averaged over processes and unscaled
+            -> after_backward(output, batch) -> finiteness check -> gradient clipping -> optimizer step
+            (unless the method owns it)
 Evaluation: model(batch) -> predict(output, batch)
+
+With ``trainer.accumulate`` = 1 (the default) a step has one micro-batch. With more, ``after_backward``
+sees the accumulated gradient once per step, with the step's micro-batches concatenated into one output
+and one batch. In a multi-process run every statistic that decides a coefficient or weight is reduced
+across processes (``poise.train.distributed``), so that N processes decide as one would on the whole
+batch. ``backward`` goes through ``ctx.backward``; a forward pass a method runs by itself goes under
+``ctx.autocast()``. A resumed run re-enters an epoch through ``epoch_loader`` instead of
+``on_epoch_start``; ``state_dict`` holds tensors and plain values only (checkpoints load with
+``torch.load(weights_only=True)``).
 
 A method declares what it needs (class attributes below) so that an incompatible combination fails
 in ``check`` with one sentence, before any training. What it decides each step (ratios,
@@ -105,13 +115,25 @@ class Method:
         return {"ce": F.cross_entropy(output.logits, batch.labels)}
 
     def backward(self, terms: dict[str, Tensor], output: ModelOutput, batch: MultimodalBatch) -> None:
-        torch.stack(list(terms.values())).sum().backward()
+        """Backpropagate the loss through ``ctx.backward`` (mixed-precision scaling, accumulation,
+        gradient averaging across processes); a method that overrides this does the same."""
+        loss = torch.stack(list(terms.values())).sum()
+        if self.ctx is not None:
+            self.ctx.backward(loss)
+        else:
+            loss.backward()
 
     def after_backward(self, output: ModelOutput, batch: MultimodalBatch) -> None:
         """Edit gradients in place (OGM, AGM, ...) before the optimizer step."""
 
     def on_epoch_end(self, epoch: int) -> None:
         pass
+
+    def epoch_loader(self, epoch: int, loader: DataLoader) -> DataLoader | None:
+        """The loader of an epoch that a resumed run re-enters in its middle: ``on_epoch_start`` ran
+        before the checkpoint and is not called again, so a method whose ``on_epoch_start`` returns a
+        loader of its own returns that same loader here (None: the trainer's)."""
+        return None
 
     # ---- evaluation ------------------------------------------------------------------------------
     def predict(self, output: ModelOutput, batch: MultimodalBatch) -> Tensor:

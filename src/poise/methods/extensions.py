@@ -117,6 +117,8 @@ class BoostWeak(Method):
                     if p.grad is not None:
                         p.grad.mul_(k)
             return
+        # a step the fp16 gradient scaler skipped never ran the restoring hook: restore first
+        self._restore_learning_rates(self.ctx.optimizer, (), {})
         for m, groups in self._encoder_groups.items():
             k = float(coefficients[m])  # optimizers take a Python-float learning rate: one sync per step
             for group in groups:

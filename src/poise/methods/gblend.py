@@ -43,7 +43,7 @@ from poise.errors import IncompatibleError
 from poise.functional.gblend import DEFAULT_OVERFITTING_FLOOR, gblend_weights, mix_with_uniform
 from poise.methods.base import Method, MethodParams
 from poise.models.encoders import init_weights
-from poise.train.distributed import all_reduce_sum
+from poise.train.distributed import all_reduce_sum, average_gradients, is_distributed
 
 if TYPE_CHECKING:
     from poise.data.base import DatasetInfo
@@ -139,9 +139,15 @@ def train_networks(
     device: torch.device, grad_clip: float | None,
 ) -> None:
     """One epoch of every network on its own cross-entropy, one pass over the data. The networks share
-    no parameter, so one backward of the summed losses gives each exactly its own gradient."""
+    no parameter, so one backward of the summed losses gives each exactly its own gradient.
+
+    In a multi-process run every rank holds the same copies and trains them on its share of each batch;
+    the gradients are averaged over ranks before each step, so the copies stay identical and train as
+    one process would on whole batches. Estimation runs in full precision (no autocast)."""
     for net in networks.values():
         net.train()
+    params = [p for net in networks.values() for p in net.parameters() if p.requires_grad]
+    distributed = is_distributed()
     for batch in loader:
         batch = batch.to(device)
         losses = []
@@ -149,9 +155,11 @@ def train_networks(
             logits, labels = net(batch)
             if labels.numel():
                 losses.append(F.cross_entropy(logits, labels))
-        if not losses:
+        if losses:
+            torch.stack(losses).sum().backward()
+        elif not distributed:
             continue
-        torch.stack(losses).sum().backward()
+        average_gradients(params)  # every rank, even one without samples: the reduction is collective
         for name, net in networks.items():
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
@@ -258,6 +266,9 @@ class GradientBlending(Method):
             self.estimate(epoch)
         return self._train_loader
 
+    def epoch_loader(self, epoch: int, loader: DataLoader) -> DataLoader | None:
+        return self._train_loader
+
     def _estimation_rows(self, round_index: int) -> np.ndarray:
         """T': all of the training part, or a random subset drawn anew (and reproducibly) each estimate."""
         size = self.params.estimate_subset
@@ -288,7 +299,7 @@ class GradientBlending(Method):
         start = time.perf_counter()
         self.estimate_rows = self._estimation_rows(len(self.history))
         subset = Subset(ctx.splits.train, self.estimate_rows.tolist())
-        fit_loader = ctx.make_loader(subset, True)
+        fit_loader = ctx.make_loader(subset, True, micro_batches=1)  # the copies' own loop: whole batches
         measure_loader = ctx.make_loader(subset, False)
         networks = self.estimation_copies()
         lr = ctx.optimizer.param_groups[0]["lr"]

@@ -172,16 +172,18 @@ class MLA(Method):
         trained = [m for m in self.order if total[m] > 0]  # a modality absent on every rank is skipped
         if not self.params.alternate:
             if trained:
-                torch.stack([terms[f"ce_{m}"] for m in trained]).sum().backward()
+                ctx.backward(torch.stack([terms[f"ce_{m}"] for m in trained]).sum())
                 self._head_step(trained, output, batch)
         else:
             head_moved = False
             for m in trained:
                 key = f"ce_{m}"
                 if head_moved:
-                    logits = ctx.model.fusion.unimodal({m: output.features[m]})[m]
-                    terms[key] = self._unimodal_loss(logits, batch.labels, batch.present_of(m), local[m], len(batch))
-                terms[key].backward()
+                    with ctx.autocast():
+                        logits = ctx.model.fusion.unimodal({m: output.features[m]})[m]
+                        terms[key] = self._unimodal_loss(logits, batch.labels, batch.present_of(m), local[m], len(batch))
+                # gradients averaged over processes and unscaled when this returns: the projection reads them
+                ctx.backward(terms[key])
                 self._head_step([m], output, batch)
                 head_moved = True
         if self.params.gradient_modification and self.projection is not None:

@@ -6,6 +6,7 @@ The mathematics is in :mod:`poise.functional.ogm`; these classes only decide whe
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -203,8 +204,10 @@ class OPM(Method):
         buffers = list(model.buffers())
         saved = [b.clone() for b in buffers]
         try:
-            features = model.encode(batch, self._modalities)
-            logits = model.fusion.unimodal(features)
+            # the run's mixed precision (a context built by hand may have none)
+            with getattr(self.ctx, "autocast", contextlib.nullcontext)():
+                features = model.encode(batch, self._modalities)
+                logits = model.fusion.unimodal(features)
         finally:
             for b, s in zip(buffers, saved):
                 b.copy_(s)

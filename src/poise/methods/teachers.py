@@ -124,11 +124,11 @@ def unimodal_models(ctx: TrainContext, modalities: tuple[str, ...], checkpoints:
 
 def validation_accuracy(ctx: TrainContext, model: MultimodalModel, modality: str) -> float:
     """Accuracy of a one-modality model on the validation samples that have its modality."""
-    from poise.eval.metrics import evaluate
+    from poise.train.evaluation import evaluate_split
 
     column = list(ctx.info.modalities).index(modality)
     loader = ctx.make_loader(_samples_with(ctx.splits.val, column), False)
-    return evaluate(model, Joint(), loader, ctx.info.num_classes, ctx.device)["accuracy"]
+    return evaluate_split(model, Joint(), loader, ctx.info.num_classes, ctx.device)["accuracy"]
 
 
 def _check_checkpoints(method: str, checkpoints: dict[str, str], modalities: tuple[str, ...]) -> None:

@@ -34,7 +34,10 @@ class TrainContext:
     splits: DataSplits
     device: torch.device
     seed: int
-    make_loader: Callable[[Dataset, bool], DataLoader]
+    #: ``make_loader(dataset, shuffle, micro_batches=None)``: the run's loaders (sharded over processes;
+    #: shuffled ones split each batch into ``trainer.accumulate`` micro-batches unless ``micro_batches``
+    #: says otherwise: a method's own training loop passes 1)
+    make_loader: Callable[..., DataLoader]
     #: builds a fresh model of the same architecture (G-Blend's estimation copies, teachers)
     build_model: Callable[..., nn.Module]
     #: builds an optimizer of the configured kind over the given parameters

@@ -125,13 +125,19 @@ class StepEngine:
     def release_without_backward(self, output: Any) -> None:
         """A DDP step in which the method backpropagated nothing (it skipped the batch): every rank must
         still take part in the gradient reduction DDP prepared in the forward. A zero backward does that;
-        the gradients are then dropped, so the step changes nothing."""
+        the gradients are then dropped, so the step changes nothing (unless earlier micro-batches of the
+        step backpropagated: their gradients stay and are averaged by this reduction)."""
         from torch.nn.parallel.distributed import _find_tensors
 
+        if not self.ddp:
+            return
         anchors = [t.sum() for t in _find_tensors(output) if t.requires_grad]
-        if self.ddp and anchors:
-            (torch.stack(anchors).sum() * 0.0).backward()
-            self.optimizer.zero_grad(set_to_none=True)
+        earlier = self.backward_calls > 0  # gradients of earlier micro-batches of this step: keep them
+        if anchors:
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                (torch.stack([a.float() for a in anchors]).sum() * 0.0).backward()
+            if not earlier:
+                self.optimizer.zero_grad(set_to_none=True)
 
     def has_gradients(self) -> bool:
         return any(p.grad is not None for p in self.params)

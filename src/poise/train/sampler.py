@@ -14,8 +14,11 @@ from torch.utils.data import Sampler
 class ShardedBatchSampler(Sampler[list[int]]):
     """Batches of dataset positions for one rank.
 
-    The run's batches of ``batch_size`` come from one order per epoch: ``0..size-1``, or a permutation
-    drawn from ``seed + epoch`` when shuffling.
+    The run's batches of ``batch_size`` come from one order per epoch: ``0..size-1``, or, when shuffling,
+    the permutation that a ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``
+    gives in that epoch (the generator stream is replayed: the loader's base-seed draw, the permutation,
+    and the sampler's trailing empty slice). So a one-process run sees exactly the batches of a plain
+    shuffled DataLoader, and the order is still a function of the seed and the epoch only.
 
     - ``split=True`` (training): each batch is cut into ``num_shards * micro_batches`` interleaved
       pieces (piece p = batch[p::pieces]); shard r yields pieces r, r + num_shards, ... of every batch,
@@ -40,6 +43,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.micro_batches = micro_batches if split else 1
         self.epoch = 0
         self._skip = 0
+        #: (next epoch, generator state before it): replaying the stream epoch after epoch stays linear
+        self._stream: tuple[int, Tensor] | None = None
 
     @property
     def pieces(self) -> int:
@@ -54,7 +59,23 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def order(self, epoch: int) -> Tensor:
         if not self.shuffle:
             return torch.arange(self.size)
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        generator = torch.Generator()
+        if self._stream is not None and self._stream[0] <= epoch:
+            current = self._stream[0]
+            generator.set_state(self._stream[1])
+        else:
+            current = 0
+            generator.manual_seed(self.seed)
+        while True:
+            # what DataLoader + RandomSampler draw from their generator in one full epoch
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            permutation = torch.randperm(self.size, generator=generator)
+            torch.randperm(self.size, generator=generator)
+            if current == epoch:
+                break
+            current += 1
+        self._stream = (epoch + 1, generator.get_state())
+        return permutation
 
     def _batches(self) -> list[list[int]]:
         order = self.order(self.epoch).tolist()

@@ -1,0 +1,115 @@
+"""Run checkpoints: everything a killed run needs to continue exactly where it stopped.
+
+``checkpoint.pt`` is written by rank 0 only, atomically (a temporary file in the same folder, flushed to
+disk, then renamed over the old one), so a run killed at any moment leaves either the previous
+checkpoint or the new one, never a half-written file. It holds only tensors and plain containers
+(dict, list, str, int, float, bool, None), so it loads with ``torch.load(path, weights_only=True)``:
+no arbitrary object is ever unpickled. Random-number states are stored as tensors, the run history as
+a JSON string.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from poise.errors import ConfigError, DataError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+#: bumped when the layout changes incompatibly
+CHECKPOINT_FORMAT = 1
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def to_cpu(obj: Any) -> Any:
+    """The same nested containers with every tensor moved to the CPU (and detached)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_cpu(v) for v in obj)
+    return obj
+
+
+# ---- random-number states -------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """The process's random-number states (torch CPU and CUDA, NumPy, Python) as tensors and numbers."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": None if gauss_next is None else float(gauss_next)},
+        "cuda": [],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- reading --------------------------------------------------------------------------------------------
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A run checkpoint, read with ``weights_only=True``; one clear sentence when it is missing or broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"cannot resume: '{path}' does not exist (the run stopped before its first checkpoint, or "
+            "trainer.checkpoint was false); start the run again without --resume"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise DataError(f"cannot resume: '{path}' cannot be read as a poise checkpoint: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"cannot resume: '{path}' is not a poise run checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first place two nested config dictionaries differ (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            found = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    return None if a == b else prefix.rstrip(".") or "(the whole configuration)"
+
+
+__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "atomic_save", "first_difference", "load_checkpoint", "rng_state",
+           "set_rng_state", "to_cpu"]
