@@ -1,6 +1,6 @@
 """How much faster an epoch of loading is from the ``poise prepare`` cache than from raw files.
 
-Writes clips in a dataset's raw layout, prepares them, then times one pass over the training items:
+Writes clips in a dataset's raw layout, prepares them, then times passes over the training items:
 
 - raw: every item decoded from the original files each time, as a loader without a cache would
   (the video decoded to take its 1 fps frames, the audio read, resampled and turned into the
@@ -13,9 +13,12 @@ Settings: ``cremad``: 2.5 s MPEG-4 videos of 480 x 360 at 30 fps and 16 kHz wavs
 with an AAC track at 44.1 kHz, 3 frames per item, 1024 x 128 Kaldi filter-bank. ``ucf101``: 4 s
 videos of 320 x 240 at 25 fps (as distributed); raw: the video decoded and, for the 3 sampled
 frames, the optical flow to the next frame computed (``--flow``, Farneback by default: TV-L1 is
-some 30x slower) and quantised; prepared: 3 RGB jpgs and 3 (u, v) flow jpg pairs read.
+some 30x slower) and quantised; prepared: 3 RGB jpgs and 3 (u, v) flow jpg pairs read. ``food101``:
+640 x 480 jpgs; raw: the loader on the original images; prepared: on the 256-px copies (the texts
+are tokenised when the dataset is built, outside the timed pass).
 
-    .venv/bin/python benchmarks/prepare_speed.py [--dataset cremad|kinetics_sounds|ucf101|both|all] [--clips 24] [--repeats 3]
+    .venv/bin/python benchmarks/prepare_speed.py [--dataset cremad|kinetics_sounds|ucf101|food101|both|all] [--clips 24]
+        [--repeats 3] [--flow farneback|tvl1]
 
 Prints milliseconds per item (wall clock and CPU time of the process) and the ratios raw / prepared.
 Each variant is timed ``--repeats`` times, round-robin, and its fastest pass is kept (on a shared
@@ -77,6 +80,22 @@ def write_raw(dataset: str, raw: Path, count: int) -> list[str]:
             sf.write(raw / "AudioWAV" / f"{clip}.wav", wave, 16000)
         (raw / "train.csv").write_text("".join(f"{c},{c.split('_')[2]}\n" for c in clips))
         (raw / "test.csv").write_text(f"{clips[0]},{clips[0].split('_')[2]}\n")
+    elif dataset == "food101":
+        from PIL import Image
+
+        clips, rng = [], np.random.default_rng(0)
+        for i in range(count):
+            label = ("apple_pie", "ramen")[i % 2]
+            clips.append(f"{label}_{i}.jpg")
+            folder = raw / "images" / "train" / label
+            folder.mkdir(parents=True, exist_ok=True)
+            blocks = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)  # 640 x 480
+            Image.fromarray(blocks).save(folder / clips[-1], quality=90)
+        (raw / "texts").mkdir(parents=True)
+        (raw / "texts" / "train_titles.csv").write_text("".join(f"{c},{c.split('_')[0]} recipe,{c.rsplit('_', 1)[0]}\n" for c in clips))
+        (raw / "texts" / "test_titles.csv").write_text(f"{clips[0]},x,{clips[0].rsplit('_', 1)[0]}\n")
+        (raw / "images" / "test").mkdir()
+        shutil.copytree(raw / "images" / "train" / "apple_pie", raw / "images" / "test" / "apple_pie")
     elif dataset == "ucf101":
         classes = ("ApplyEyeMakeup", "Archery")
         clips = [f"v_{classes[i % 2]}_g{i // 2 + 1:02d}_c01" for i in range(count)]
@@ -170,6 +189,9 @@ def measure(dataset: str, count: int, image_size: int, workers: int, repeats: in
                               flow=flow if dataset == "ucf101" else None)
     if dataset == "ucf101":
         epochs = {"raw": (lambda: raw_flow_epoch(raw, clips, image_size, flow), len(clips))}
+    elif dataset == "food101":  # the loader reads the original layout as it is
+        raw_items = training_items(dataset, raw, image_size)
+        epochs = {"raw": (lambda: loader_epoch(raw_items), len(raw_items))}
     else:
         epochs = {"raw": (lambda: raw_epoch(dataset, raw, clips, image_size), len(clips))}
     if dataset == "cremad":  # the released layout: the wavs beside the prepared frames, no spectrogram cache
@@ -204,8 +226,8 @@ def measure(dataset: str, count: int, image_size: int, workers: int, repeats: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=("cremad", "kinetics_sounds", "ucf101", "both", "all"), default="both",
-                        help="both: cremad and kinetics_sounds; all: the three")
+    parser.add_argument("--dataset", choices=("cremad", "kinetics_sounds", "ucf101", "food101", "both", "all"),
+                        default="both", help="both: cremad and kinetics_sounds; all: the four")
     parser.add_argument("--flow", choices=("farneback", "tvl1"), default="farneback",
                         help="ucf101: optical flow of both the prepare run and the raw loader (tvl1 is ~30x slower)")
     parser.add_argument("--clips", type=int, default=24)
@@ -218,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="poise_prepare_speed_"))
     try:
-        chosen = {"both": ("cremad", "kinetics_sounds"), "all": ("cremad", "kinetics_sounds", "ucf101")}.get(args.dataset, (args.dataset,))
+        chosen = {"both": ("cremad", "kinetics_sounds"),
+                  "all": ("cremad", "kinetics_sounds", "ucf101", "food101")}.get(args.dataset, (args.dataset,))
         for dataset in chosen:
             measure(dataset, args.clips, args.image_size, args.workers, args.repeats, work, args.flow)
     finally:

@@ -34,6 +34,14 @@ FAST = ["--set", "trainer.epochs=2", "--set", "trainer.progress=false", "--set",
           "--set", "dataset.modalities.a.dim=2", "--set", "dataset.modalities.b.dim=2", "--set", "dataset.modalities.c.dim=2"],
          "exactly two modalities"),
         (["report", "nowhere"], "does not exist"),
+        (["bench", "--dataset", "synthetic", "--methods", "joint[model.fuson=mfb]", "--out", "X"],
+         "unknown config key 'model.fuson' (did you mean 'model.fusion'?)"),
+        (["bench", "--dataset", "synthetic", "--methods", "joint[pretrain=masked]", "--out", "X"],
+         "pretrain must be one of contrastive, augment"),
+        (["bench", "--dataset", "synthetic", "--methods", "jont[model.fusion=mfb]", "--out", "X"], "unknown method 'jont'"),
+        (["bench", "--dataset", "synthetic", "--methods", "joint[]", "--out", "X"], "the variant of 'joint[]' is empty"),
+        (["bench", "--dataset", "synthetic", "--methods", "joint[model.fusion=mfb", "--out", "X"], "is not a method or a variant"),
+        (["train", "--dataset", "synthetic", "--method", "joint[model.fusion=mfb]", "--out", "X"], "variants NAME[KEY=VALUE;...]"),
     ],
 )
 def test_bad_input_exits_2_with_one_sentence(argv, message, capsys, tmp_path, monkeypatch):
@@ -97,3 +105,24 @@ def test_methods_all_expands_to_baselines_and_every_balancing_method():
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "poise", "list"], capture_output=True, text=True, check=True)
     assert "methods: joint" in out.stdout
+
+
+def test_variants_run_beside_their_base_with_their_own_config_and_pretraining(tmp_path):
+    from poise.bench import split_methods
+
+    assert split_methods("joint,joint[model.fusion=mfb;trainer.lr=0.02], ogm_ge") == [
+        "joint", "joint[model.fusion=mfb;trainer.lr=0.02]", "ogm_ge"]
+    out = tmp_path / "bench"
+    methods = "joint,joint[model.fusion=mfb;trainer.lr=0.02],joint[pretrain=contrastive]"
+    assert main(["bench", "--dataset", "synthetic", "--methods", methods, "--seeds", "0", "--out", str(out),
+                 *FAST, "--set", "trainer.probe=false"]) == 0
+    runs = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert list(runs) == ["joint", "joint[model.fusion=mfb;trainer.lr=0.02]", "joint[pretrain=contrastive]"]
+    plain, mfb, pre = runs.values()
+    assert plain["config"]["model"]["fusion"] is None and plain["config"]["trainer"]["lr"] != 0.02
+    assert mfb["config"]["model"]["fusion"] == "mfb" and mfb["config"]["trainer"]["lr"] == 0.02
+    assert pre["config"] == plain["config"]
+    assert (out / "runs" / "joint_pretrain_contrastive" / "seed0" / "pretrain" / "encoders.pt").is_file()
+    # the pre-trained run starts elsewhere, so it ends elsewhere; the same config without it does not
+    assert pre["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
+    assert "| joint[model.fusion=mfb;trainer.lr=0.02] | 1 |" in (out / "report.md").read_text()

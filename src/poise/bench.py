@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from poise.config import RunConfig, build_config
+from poise.config import RunConfig, build_config, parse_set
 from poise.data.registry import dataset_kind, load_dataset
 from poise.errors import ConfigError, closest
 from poise.methods.registry import METHODS, balancing_methods, make_method
@@ -41,9 +43,72 @@ def run_config(dataset: str, file_layer: dict | None = None, set_layer: dict | N
     return cfg
 
 
+#: the variant keys that are not config keys
+PRETRAIN_KEY = "pretrain"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One entry of ``--methods``: a method, optionally with a variant in brackets,
+    ``NAME[KEY=VALUE;KEY=VALUE]``. KEYs are config keys (``model.fusion=mfb``, ``trainer.lr=0.05``,
+    ``method.ogm_ge.alpha=0.3``) layered over the run's configuration, or ``pretrain=contrastive|augment``:
+    self-supervised pre-training of the encoders (``poise pretrain``) before the run, with the same seed.
+    The full text is the run's name in the results."""
+
+    name: str
+    method: str
+    overrides: dict
+    pretrain: str | None = None
+
+    def config(self, base: RunConfig) -> RunConfig:
+        return build_config(base.model_dump(), self.overrides) if self.overrides else base
+
+
+def split_methods(text: str) -> list[str]:
+    """Commas separate entries except inside brackets."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_spec(name: str, modalities: tuple[str, ...]) -> RunSpec:
+    match = re.fullmatch(r"([^\[\]]+?)\s*(?:\[([^\[\]]*)\])?", name)
+    if match is None:
+        raise ConfigError(f"'{name}' is not a method or a variant NAME[KEY=VALUE;...]")
+    method, variant = match.group(1).strip(), match.group(2)
+    base, _, arg = method.partition(":")
+    METHODS[base]  # raises with the closest name
+    if base == "unimodal" and arg not in modalities:
+        raise ConfigError(f"unknown modality '{arg}' in '{name}'{closest(arg, modalities)}")
+    items = [item.strip() for item in (variant or "").split(";") if item.strip()]
+    if variant is not None and not items:
+        raise ConfigError(f"the variant of '{name}' is empty; write NAME[KEY=VALUE;...]")
+    pretrain = None
+    settings = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if key.strip() == PRETRAIN_KEY:
+            from poise.train.pretrain import OBJECTIVES
+
+            if value.strip() not in OBJECTIVES:
+                raise ConfigError(f"'{name}': pretrain must be one of {', '.join(OBJECTIVES)}, got '{value.strip()}'")
+            pretrain = value.strip()
+        else:
+            settings.append(item)
+    return RunSpec(name, method, parse_set(settings), pretrain)
+
+
 def expand_methods(spec: str, modalities: tuple[str, ...]) -> list[str]:
-    """``all`` -> joint, every unimodal:<m>, every balancing method; otherwise a comma list, validated."""
-    names = [s.strip() for s in spec.split(",") if s.strip()]
+    """``all`` -> joint, every unimodal:<m>, every balancing method; otherwise a comma list of methods
+    and variants (``joint[model.fusion=mfb]``), validated."""
+    names = split_methods(spec)
     if not names:
         raise ConfigError("--methods is empty; give a comma-separated list or 'all'")
     out: list[str] = []
@@ -51,11 +116,7 @@ def expand_methods(spec: str, modalities: tuple[str, ...]) -> list[str]:
         if name == "all":
             out += ["joint", *(f"unimodal:{m}" for m in modalities), *balancing_methods()]
             continue
-        base, _, arg = name.partition(":")
-        METHODS[base]  # raises with the closest name
-        if base == "unimodal" and arg not in modalities:
-            raise ConfigError(f"unknown modality '{arg}' in '{name}'{closest(arg, modalities)}")
-        out.append(name)
+        out.append(parse_spec(name, modalities).name)
     return list(dict.fromkeys(out))
 
 
@@ -75,8 +136,14 @@ def splits_for(dataset: str, cfg: RunConfig):
 
 
 def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str | None, threads: int | None = None,
-              init_dir: str | None = None, resume: bool = False) -> dict:
-    """One run; a plain function of plain arguments so that it can run in a worker process."""
+              init_dir: str | None = None, resume: bool = False, name: str | None = None,
+              pretrain: str | None = None) -> dict:
+    """One run; a plain function of plain arguments so that it can run in a worker process. ``cfg_dict``
+    is the run's full configuration; ``pretrain`` pre-trains the encoders first (into ``out_dir/pretrain``)
+    and counts that time in ``train_seconds``."""
+    import tempfile
+    import time
+
     import torch
 
     from poise.train.trainer import Trainer
@@ -85,9 +152,19 @@ def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str |
         torch.set_num_threads(threads)
     cfg = RunConfig(**cfg_dict)
     splits = splits_for(dataset, cfg)
-    method = make_method(spec, method_options(cfg, spec))
-    result = Trainer(splits, method, cfg, seed=seed, out_dir=out_dir, method_name=spec, init_dir=init_dir,
-                     resume=resume).fit()
+    pretrain_seconds = 0.0
+    with tempfile.TemporaryDirectory() as scratch:
+        if pretrain is not None:
+            from poise.train.pretrain import run_pretrain
+
+            init_dir = str(Path(out_dir or scratch) / "pretrain")
+            start = time.perf_counter()
+            run_pretrain(splits, cfg, Path(init_dir), seed, pretrain)
+            pretrain_seconds = time.perf_counter() - start
+        method = make_method(spec, method_options(cfg, spec))
+        result = Trainer(splits, method, cfg, seed=seed, out_dir=out_dir, method_name=name or spec, init_dir=init_dir,
+                         resume=resume).fit()
+    result.train_seconds += pretrain_seconds
     return result.to_dict()
 
 
@@ -115,15 +192,19 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
     if workers > 1 and launched_by_torchrun():
         raise ConfigError("under torchrun every run already uses all the processes torchrun started; "
                           "leave --workers at 1")
-    out.mkdir(parents=True, exist_ok=True)
-    # Validate every method's options (and compatibility) before the first run starts.
-    splits = splits_for(dataset, cfg)
+    # Validate every method's options, variant and compatibility before the first run starts.
     from poise.train.trainer import Trainer
 
-    for spec in methods:
-        Trainer(splits, make_method(spec, method_options(cfg, spec)), cfg, seed=0, method_name=spec)
+    modalities = tuple(splits_for(dataset, cfg).info.modalities)
+    specs = {name: parse_spec(name, modalities) for name in methods}
+    configs = {}
+    for name, spec in specs.items():
+        run_cfg = spec.config(cfg)
+        Trainer(splits_for(dataset, run_cfg), make_method(spec.method, method_options(run_cfg, spec.method)), run_cfg,
+                seed=0, method_name=name)
+        configs[name] = run_cfg.model_dump()
     jobs = [(spec, seed) for spec in methods for seed in seeds]
-    cfg_dict = cfg.model_dump()
+    out.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, int], dict] = {}
 
     def save():
@@ -135,12 +216,19 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
         atomic_write_text(json.dumps({"dataset": dataset, "runs": runs}, indent=1), out / "results.json")
 
     def run_dir(spec: str, seed: int) -> str:
-        return str(out / "runs" / spec.replace(":", "_") / f"seed{seed}")
+        return str(out / "runs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", spec).strip("_") / f"seed{seed}")
+
+    def job_args(name: str, seed: int) -> tuple:
+        spec = specs[name]
+        return (dataset, spec.method, configs[name], seed, run_dir(name, seed))
+
+    def job_options(name: str) -> dict:
+        return {"name": name, "pretrain": specs[name].pretrain}
 
     if workers <= 1:
         warm_up()
         for spec, seed in jobs:
-            results[(spec, seed)] = train_one(dataset, spec, cfg_dict, seed, run_dir(spec, seed))
+            results[(spec, seed)] = train_one(*job_args(spec, seed), **job_options(spec))
             log(_line(results[(spec, seed)]))
             save()
     else:
@@ -149,7 +237,7 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=warm_up,
                                  initargs=(1,)) as pool:
             futures = {
-                pool.submit(train_one, dataset, spec, cfg_dict, seed, run_dir(spec, seed), 1): (spec, seed)
+                pool.submit(train_one, *job_args(spec, seed), 1, **job_options(spec)): (spec, seed)
                 for spec, seed in jobs
             }
             for fut in _as_completed(futures):

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from poise.errors import PoiseError
+from poise.errors import ConfigError, PoiseError
 
 
 def _common(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
@@ -147,6 +147,9 @@ def cmd_train(args) -> int:
         out = Path(args.out)
     splits = splits_for(dataset, cfg)
     expand_methods(method, tuple(splits.info.modalities))
+    if "[" in method or "," in method:
+        raise ConfigError(f"poise train runs one method, got '{method}'; variants NAME[KEY=VALUE;...] and lists "
+                          "are for poise bench (here: --set KEY=VALUE, and --init DIR after poise pretrain)")
     try:
         # refuse an incompatible method, fusion or option before anything is written (under torchrun
         # this also joins the process group)
