@@ -75,3 +75,15 @@ def test_the_ogm_ge_snippet_runs_and_slows_the_dominant_encoder():
     # the step happened: the encoders moved
     assert not torch.equal(a0[0].weight, audio_net[0].weight)
     assert not torch.equal(v0[0].weight, visual_net[0].weight)
+
+
+def test_the_whole_loop_example_runs(tmp_path, monkeypatch):
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "Trainer(" in b]
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    code = blocks[0].replace('"epochs": 10', '"epochs": 1').replace("print(result.test)", "")
+    namespace: dict = {}
+    exec(compile(code, "README example", "exec"), namespace)
+    test = namespace["result"].test
+    assert set(test) == {"accuracy", "macro_f1", "unimodal_accuracy", "probe_accuracy"}
+    assert (tmp_path / "runs" / "one" / "best.pt").is_file()

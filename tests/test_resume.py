@@ -68,7 +68,7 @@ def test_sigkilled_run_resumes_to_the_same_result(tmp_path, capsys):
     child.start()
     while not (killed / CHECKPOINT_FILE).exists() and child.is_alive():
         time.sleep(0.005)
-    delay = random.uniform(0.0, 0.6 * duration)
+    delay = random.uniform(0.0, 0.4 * duration)
     time.sleep(delay)
     os.kill(child.pid, signal.SIGKILL)
     child.join()
