@@ -125,8 +125,8 @@ def write_plots(results: dict, out: Path) -> list[str]:
     for ax, (method, runs) in zip(axes, groups.items()):
         for m in mods:
             c = _curves(runs, lambda h, m=m: h["val"]["unimodal_accuracy"].get(m))
-            if c is not None:
-                ax.plot(c * 100, label=m)
+            if c is not None:  # one colour per modality in every panel
+                ax.plot(c * 100, label=m, color=f"C{mods.index(m) % 10}")
         c = _curves(runs, lambda h: h["val"]["accuracy"])
         if c is not None:
             ax.plot(c * 100, "k--", label="fused")
