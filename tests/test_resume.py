@@ -216,3 +216,43 @@ def test_non_finite_value_stops_with_step_method_and_modality(where, message, tm
     assert state["position"]["micro_batches"] <= 9
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not list(Path(tmp_path).glob(".*tmp*"))
+
+
+def test_an_interrupted_bench_resumes_keeping_finished_runs(tmp_path, monkeypatch, capsys):
+    from poise import bench
+
+    args = ["--dataset", "synthetic", "--methods", "joint,ogm_ge", "--seeds", "0", "--set", "dataset.num_samples=300",
+            "--set", "trainer.epochs=3", "--set", "trainer.batch_size=32", "--set", "trainer.progress=false",
+            "--set", "trainer.tensorboard=false", "--set", "trainer.probe=false"]
+    with one_thread():
+        assert main(["bench", *args, "--out", str(tmp_path / "reference")]) == 0
+        # the same bench stopped during ogm_ge's second epoch
+        real_train_one = bench.train_one
+
+        def stopped(dataset, spec, *rest, **options):
+            if spec == "ogm_ge":
+                method = interrupt_at(make_method("ogm_ge"), epoch=1, micro_batch=2)
+                monkeypatch.setattr(bench, "make_method", lambda *a, **k: method)
+            return real_train_one(dataset, spec, *rest, **options)
+
+        monkeypatch.setattr(bench, "train_one", stopped)
+        with pytest.raises(Interrupt):
+            main(["bench", *args, "--out", str(tmp_path / "stopped")])
+        monkeypatch.undo()
+        kept = json.loads((tmp_path / "stopped" / "results.json").read_text())["runs"]
+        assert [r["method"] for r in kept] == ["joint"]
+        assert (tmp_path / "stopped" / "runs" / "ogm_ge" / "seed0" / CHECKPOINT_FILE).is_file()
+
+        calls = []
+        monkeypatch.setattr(bench, "train_one", lambda *a, **k: calls.append((a[1], k["resume"])) or real_train_one(*a, **k))
+        assert main(["bench", *args, "--out", str(tmp_path / "stopped"), "--resume"]) == 0
+    assert calls == [("ogm_ge", True)]  # joint kept, ogm_ge continued from its checkpoint
+    assert "1 finished runs kept, 1 continue from their checkpoints, 0 start" in capsys.readouterr().out
+    expected = json.loads((tmp_path / "reference" / "results.json").read_text())["runs"]
+    got = json.loads((tmp_path / "stopped" / "results.json").read_text())["runs"]
+    assert got[0] == kept[0]
+    assert [without_seconds(r) for r in got] == [without_seconds(r) for r in expected]
+
+    # another configuration is refused, naming the difference
+    assert main(["bench", *args, "--set", "trainer.lr=0.5", "--out", str(tmp_path / "stopped"), "--resume"]) == 2
+    assert "first difference: 'trainer.lr'" in capsys.readouterr().err

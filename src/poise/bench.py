@@ -155,12 +155,13 @@ def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str |
     pretrain_seconds = 0.0
     with tempfile.TemporaryDirectory() as scratch:
         if pretrain is not None:
-            from poise.train.pretrain import run_pretrain
+            from poise.train.pretrain import ENCODERS_FILE, run_pretrain
 
             init_dir = str(Path(out_dir or scratch) / "pretrain")
-            start = time.perf_counter()
-            run_pretrain(splits, cfg, Path(init_dir), seed, pretrain)
-            pretrain_seconds = time.perf_counter() - start
+            if not (resume and (Path(init_dir) / ENCODERS_FILE).is_file()):  # a resumed run keeps its encoders
+                start = time.perf_counter()
+                run_pretrain(splits, cfg, Path(init_dir), seed, pretrain)
+                pretrain_seconds = time.perf_counter() - start
         method = make_method(spec, method_options(cfg, spec))
         result = Trainer(splits, method, cfg, seed=seed, out_dir=out_dir, method_name=name or spec, init_dir=init_dir,
                          resume=resume).fit()
@@ -186,7 +187,9 @@ def warm_up(threads: int | None = None) -> None:
 
 
 def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig, out: Path, workers: int = 1,
-              log=print) -> dict:
+              log=print, resume: bool = False) -> dict:
+    """Every method x seed; ``resume=True`` continues an interrupted bench in ``out``: the finished runs of
+    ``out/results.json`` are kept, runs with a ``checkpoint.pt`` continue from it, the rest start anew."""
     from poise.train.distributed import is_main_process, launched_by_torchrun
 
     if workers > 1 and launched_by_torchrun():
@@ -204,8 +207,8 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
                 seed=0, method_name=name)
         configs[name] = run_cfg.model_dump()
     jobs = [(spec, seed) for spec in methods for seed in seeds]
-    out.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, int], dict] = {}
+    resumable: set[tuple[str, int]] = set()
 
     def save():
         if not is_main_process():  # under torchrun only rank 0 writes
@@ -222,13 +225,20 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
         spec = specs[name]
         return (dataset, spec.method, configs[name], seed, run_dir(name, seed))
 
-    def job_options(name: str) -> dict:
-        return {"name": name, "pretrain": specs[name].pretrain}
+    def job_options(job: tuple[str, int]) -> dict:
+        return {"name": job[0], "pretrain": specs[job[0]].pretrain, "resume": job in resumable}
+
+    if resume:
+        results, resumable = _resumable(out, dataset, jobs, configs, run_dir)
+        log(f"resuming {out}: {len(results)} finished runs kept, {len(resumable)} continue from their checkpoints, "
+            f"{len(jobs) - len(results) - len(resumable)} start")
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [job for job in jobs if job not in results]
 
     if workers <= 1:
         warm_up()
-        for spec, seed in jobs:
-            results[(spec, seed)] = train_one(*job_args(spec, seed), **job_options(spec))
+        for spec, seed in todo:
+            results[(spec, seed)] = train_one(*job_args(spec, seed), **job_options((spec, seed)))
             log(_line(results[(spec, seed)]))
             save()
     else:
@@ -237,8 +247,8 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=warm_up,
                                  initargs=(1,)) as pool:
             futures = {
-                pool.submit(train_one, *job_args(spec, seed), 1, **job_options(spec)): (spec, seed)
-                for spec, seed in jobs
+                pool.submit(train_one, *job_args(spec, seed), 1, **job_options((spec, seed))): (spec, seed)
+                for spec, seed in todo
             }
             for fut in _as_completed(futures):
                 results[futures[fut]] = fut.result()
@@ -248,6 +258,43 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
     if not is_main_process():
         return json.loads(json.dumps({"dataset": dataset, "runs": [results[j] for j in jobs]}))
     return json.loads((out / "results.json").read_text())
+
+
+def _resumable(out: Path, dataset: str, jobs: list[tuple[str, int]], configs: dict[str, dict],
+               run_dir) -> tuple[dict[tuple[str, int], dict], set[tuple[str, int]]]:
+    """The finished runs of an earlier bench in ``out`` and the jobs whose run folder has a checkpoint;
+    refused when either was made with another configuration."""
+    from poise.train.checkpoint import CHECKPOINT_FILE, first_difference, load_checkpoint
+
+    path = out / "results.json"
+    finished: dict[tuple[str, int], dict] = {}
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text())
+            runs = {(r["method"], r["seed"]): r for r in earlier["runs"]}
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(f"cannot resume: '{path}' is not a poise results file ({err})") from None
+        if earlier.get("dataset") != dataset:
+            raise ConfigError(f"cannot resume: '{path}' is a bench on '{earlier.get('dataset')}', not on '{dataset}'")
+        for job in jobs:
+            if job in runs:
+                differs = first_difference(runs[job]["config"], configs[job[0]])
+                if differs is not None:
+                    raise ConfigError(f"cannot resume: run '{job[0]}' seed {job[1]} in '{path}' has another "
+                                      f"configuration (first difference: '{differs}'); give the same --config and "
+                                      "--set, or another --out")
+                finished[job] = runs[job]
+    checkpoints = set()
+    for job in jobs:
+        checkpoint = Path(run_dir(*job)) / CHECKPOINT_FILE
+        if job not in finished and checkpoint.is_file():
+            state = load_checkpoint(checkpoint)
+            differs = first_difference(state["config"], configs[job[0]])
+            if differs is not None:
+                raise ConfigError(f"cannot resume: '{checkpoint}' has another configuration (first difference: "
+                                  f"'{differs}'); give the same --config and --set, or another --out")
+            checkpoints.add(job)
+    return finished, checkpoints
 
 
 def _as_completed(futures):

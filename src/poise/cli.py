@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=1, help="parallel runs (each single-threaded when > 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted bench in --out: keep its finished runs, continue the others from "
+                        "their checkpoints")
 
     p = sub.add_parser("report", help="rewrite report.md and plots from a bench folder's results.json")
     p.add_argument("dir")
@@ -190,7 +193,7 @@ def cmd_bench(args) -> int:
         print(f"bench on {args.dataset}: {len(methods)} methods x {len(seeds)} seeds -> {out}", flush=True)
     try:
         results = run_bench(args.dataset, methods, seeds, cfg, out, workers=args.workers,
-                            log=lambda line: print(line, flush=True) if main_process else None)
+                            log=lambda line: print(line, flush=True) if main_process else None, resume=args.resume)
         if not is_main_process():
             return 0
     finally:
