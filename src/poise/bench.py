@@ -163,10 +163,24 @@ def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str |
                 run_pretrain(splits, cfg, Path(init_dir), seed, pretrain)
                 pretrain_seconds = time.perf_counter() - start
         method = make_method(spec, method_options(cfg, spec))
+        if out_dir is not None and not resume:
+            write_run_description(Path(out_dir), dataset, spec, seed, cfg, init_dir, name)
         result = Trainer(splits, method, cfg, seed=seed, out_dir=out_dir, method_name=name or spec, init_dir=init_dir,
                          resume=resume).fit()
     result.train_seconds += pretrain_seconds
     return result.to_dict()
+
+
+def write_run_description(out_dir: Path, dataset: str, method: str, seed: int, cfg: RunConfig,
+                          init_dir: str | None = None, name: str | None = None) -> None:
+    """``run.json``: what ``poise train --resume`` and ``poise eval`` rebuild the run from (rank 0 only)."""
+    from poise.train.distributed import is_main_process
+    from poise.train.trainer import atomic_write_text
+
+    if is_main_process():
+        description = {"dataset": dataset, "method": method, "name": name or method, "seed": seed, "init": init_dir,
+                       "config": cfg.model_dump()}
+        atomic_write_text(json.dumps(description, indent=1), out_dir / "run.json")
 
 
 def warm_up(threads: int | None = None) -> None:

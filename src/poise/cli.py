@@ -42,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted bench in --out: keep its finished runs, continue the others from "
                         "their checkpoints")
 
+    p = sub.add_parser("eval", help="score a finished run's best checkpoint under missing modalities")
+    p.add_argument("dir", help="run folder (poise train --out, or DIR/runs/<method>/seed<S> of a bench)")
+    p.add_argument("--split", default="test", help="test or val")
+    p.add_argument("--missing-rates", default="", metavar="R,R,...",
+                   help="also score with each modality of every sample missing with these probabilities")
+    p.add_argument("--no-drop-each", dest="drop_each", action="store_false",
+                   help="leave out the scores with one modality missing from every sample")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="data.*, dataset.*, trainer.device, trainer.batch_size or trainer.num_workers (repeatable)")
+
     p = sub.add_parser("report", help="rewrite report.md and plots from a bench folder's results.json")
     p.add_argument("dir")
 
@@ -157,9 +167,6 @@ def cmd_train(args) -> int:
         # refuse an incompatible method, fusion or option before anything is written (under torchrun
         # this also joins the process group)
         Trainer(splits, make_method(method, method_options(cfg, method)), cfg, seed=seed, method_name=method).build_model()
-        if not args.resume and is_main_process():
-            description = {"dataset": dataset, "method": method, "seed": seed, "init": init, "config": cfg.model_dump()}
-            atomic_write_text(json.dumps(description, indent=1), out / RUN_FILE)
         run = train_one(dataset, method, cfg.model_dump(), seed, str(out), init_dir=init, resume=bool(args.resume))
         if not is_main_process():
             return 0
@@ -173,6 +180,26 @@ def cmd_train(args) -> int:
         probe = t["probe_accuracy"].get(m)
         print(f"  {m}: head {t['unimodal_accuracy'][m]:.4f}" + (f", probe {probe:.4f}" if probe is not None else ""))
     print(f"written to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from poise.config import parse_set
+    from poise.eval.robustness import evaluate_run, robustness_table
+    from poise.train.trainer import atomic_write_text
+
+    try:
+        rates = [float(r) for r in args.missing_rates.split(",") if r.strip()]
+    except ValueError:
+        raise PoiseError(f"--missing-rates expects comma-separated numbers, got '{args.missing_rates}'") from None
+    run_dir = Path(args.dir)
+    report = evaluate_run(run_dir, parse_set(args.sets), args.split, rates, args.drop_each)
+    name = f"eval_{args.split}.json"
+    atomic_write_text(json.dumps(report, indent=1), run_dir / name)
+    print(f"{report['method']} seed {report['seed']} ({report['dataset']}), best epoch {report['best_epoch']}, "
+          f"{args.split} split:")
+    print(robustness_table(report))
+    print(f"written to {run_dir / name}")
     return 0
 
 
@@ -266,7 +293,7 @@ def cmd_list(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "bench": cmd_bench, "report": cmd_report, "pretrain": cmd_pretrain, "list": cmd_list,
-            "prepare": cmd_prepare}
+            "prepare": cmd_prepare, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
