@@ -74,3 +74,25 @@ def test_eval_of_a_bench_run_and_an_unfinished_run(tmp_path, capsys):
     (run_dir / "best.pt").write_bytes(b"not a checkpoint")
     assert main(["eval", str(run_dir)]) == 2
     assert "cannot be read as a poise checkpoint" in capsys.readouterr().err
+
+
+def test_eval_of_a_whole_bench_summarises_over_seeds(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--dataset", "synthetic", "--methods", "joint,mla", "--seeds", "0,1",
+                 "--out", str(out), *RUN[4:]]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--missing-rates", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "eval_test.json").read_text())
+    assert [(r["method"], r["seed"]) for r in summary["runs"]] == [("joint", 0), ("joint", 1), ("mla", 0), ("mla", 1)]
+    results = json.loads((out / "results.json").read_text())["runs"]
+    for report, run in zip(summary["runs"], results):
+        assert report["results"][0]["accuracy"] == run["test"]["accuracy"]
+    # the table's cell is the mean and sample std of the per-seed values
+    values = [100 * r["results"][1]["accuracy"] for r in summary["runs"][2:]]
+    mean = sum(values) / 2
+    std = (sum((v - mean) ** 2 for v in values)) ** 0.5
+    line = next(l for l in printed.splitlines() if l.startswith("| mla |"))
+    assert f"{mean:.2f} ± {std:.2f}" in line.split("|")[4]
+    assert "| method | seeds | as configured | missing rate 0.5 | without audio | without visual |" in printed
+    assert (out / "eval_test.md").read_text().count("| joint | 2 |") == 1

@@ -171,6 +171,11 @@ def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str |
     return result.to_dict()
 
 
+def run_folder(out: Path, name: str, seed: int) -> Path:
+    """Where ``poise bench`` in ``out`` keeps the run of one method (or variant) and seed."""
+    return out / "runs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") / f"seed{seed}"
+
+
 def write_run_description(out_dir: Path, dataset: str, method: str, seed: int, cfg: RunConfig,
                           init_dir: str | None = None, name: str | None = None) -> None:
     """``run.json``: what ``poise train --resume`` and ``poise eval`` rebuild the run from (rank 0 only)."""
@@ -233,7 +238,7 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
         atomic_write_text(json.dumps({"dataset": dataset, "runs": runs}, indent=1), out / "results.json")
 
     def run_dir(spec: str, seed: int) -> str:
-        return str(out / "runs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", spec).strip("_") / f"seed{seed}")
+        return str(run_folder(out, spec, seed))
 
     def job_args(name: str, seed: int) -> tuple:
         spec = specs[name]

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "their checkpoints")
 
     p = sub.add_parser("eval", help="score a finished run's best checkpoint under missing modalities")
-    p.add_argument("dir", help="run folder (poise train --out, or DIR/runs/<method>/seed<S> of a bench)")
+    p.add_argument("dir", help="run folder (poise train --out), or a bench folder: every run, with a summary over seeds")
     p.add_argument("--split", default="test", help="test or val")
     p.add_argument("--missing-rates", default="", metavar="R,R,...",
                    help="also score with each modality of every sample missing with these probabilities")
@@ -185,21 +185,36 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from poise.config import parse_set
-    from poise.eval.robustness import evaluate_run, robustness_table
+    from poise.eval.robustness import bench_run_dirs, evaluate_run, robustness_table, summary_table
     from poise.train.trainer import atomic_write_text
 
     try:
         rates = [float(r) for r in args.missing_rates.split(",") if r.strip()]
     except ValueError:
         raise PoiseError(f"--missing-rates expects comma-separated numbers, got '{args.missing_rates}'") from None
-    run_dir = Path(args.dir)
-    report = evaluate_run(run_dir, parse_set(args.sets), args.split, rates, args.drop_each)
+    folder = Path(args.dir)
     name = f"eval_{args.split}.json"
-    atomic_write_text(json.dumps(report, indent=1), run_dir / name)
+    if (folder / "results.json").is_file() and not (folder / "run.json").is_file():  # a bench folder: every run
+        reports = []
+        for run_dir in bench_run_dirs(folder):
+            reports.append(evaluate_run(run_dir, parse_set(args.sets), args.split, rates, args.drop_each))
+            atomic_write_text(json.dumps(reports[-1], indent=1), run_dir / name)
+            print(f"{reports[-1]['method']} seed {reports[-1]['seed']}: accuracy "
+                  f"{reports[-1]['results'][0]['accuracy']:.4f} as configured", flush=True)
+        table = summary_table(reports)
+        atomic_write_text(json.dumps({"split": args.split, "runs": reports}, indent=1), folder / name)
+        atomic_write_text(f"# poise eval: {args.split} accuracy (%), mean ± std over seeds\n\n{table}\n",
+                          folder / f"eval_{args.split}.md")
+        print()
+        print(table)
+        print(f"written to {folder / name} and {folder / f'eval_{args.split}.md'}")
+        return 0
+    report = evaluate_run(folder, parse_set(args.sets), args.split, rates, args.drop_each)
+    atomic_write_text(json.dumps(report, indent=1), folder / name)
     print(f"{report['method']} seed {report['seed']} ({report['dataset']}), best epoch {report['best_epoch']}, "
           f"{args.split} split:")
     print(robustness_table(report))
-    print(f"written to {run_dir / name}")
+    print(f"written to {folder / name}")
     return 0
 
 

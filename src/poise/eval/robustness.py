@@ -112,6 +112,42 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None, split: str = "tes
             "seed": run["seed"], "best_epoch": best.get("epoch"), "split": split, "results": rows}
 
 
+def bench_run_dirs(bench_dir: Path) -> list[Path]:
+    """The run folders of a ``poise bench`` output folder, in the order of its results.json."""
+    from poise.bench import run_folder
+
+    path = bench_dir / "results.json"
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"'{path}' is not a poise results file ({err})") from None
+    folders = []
+    for run in runs:
+        folder = run_folder(bench_dir, run["method"], run["seed"])
+        if not (folder / RUN_FILE).is_file():
+            raise DataError(f"'{folder / RUN_FILE}' does not exist: the bench in '{bench_dir}' was made before "
+                            "run folders described themselves; run it again to evaluate it")
+        folders.append(folder)
+    return folders
+
+
+def summary_table(reports: list[dict[str, Any]]) -> str:
+    """Markdown: per method, the fused accuracy of every condition, mean ± std over its seeds (%)."""
+    from poise.eval.report import _fmt
+
+    conditions = list(dict.fromkeys(r["condition"] for report in reports for r in report["results"]))
+    by_method: dict[str, dict[str, list[float]]] = {}
+    for report in reports:
+        cells = by_method.setdefault(report["method"], {})
+        for r in report["results"]:
+            cells.setdefault(r["condition"], []).append(r["accuracy"])
+    lines = ["| method | seeds | " + " | ".join(conditions) + " |", "|---|---|" + "---|" * len(conditions)]
+    for method, cells in by_method.items():
+        seeds = max(len(v) for v in cells.values())
+        lines.append(f"| {method} | {seeds} | " + " | ".join(_fmt(cells[c]) if c in cells else "-" for c in conditions) + " |")
+    return "\n".join(lines)
+
+
 def _configured_rate(cfg, split: str) -> float:
     if split == "test" and cfg.data.missing_rate_test is not None:
         return cfg.data.missing_rate_test
@@ -140,4 +176,4 @@ def _pct(value: float | None) -> str:
     return "-" if value is None or value != value else f"{100 * value:.2f}"
 
 
-__all__ = ["evaluate_run", "read_run", "robustness_table"]
+__all__ = ["bench_run_dirs", "evaluate_run", "read_run", "robustness_table", "summary_table"]
