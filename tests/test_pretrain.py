@@ -175,3 +175,13 @@ def test_bad_pretraining_requests_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="contrastive"):
         run_pretrain(splits, cfg, tmp_path, seed=0, objective="masked")
     assert not (tmp_path / "encoders.pt").exists()
+
+
+def test_pretrain_refuses_to_run_under_torchrun(tmp_path, monkeypatch, capsys):
+    from poise.cli import main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["pretrain", "--dataset", "synthetic", "--out", str(tmp_path / "p")]) == 2
+    assert "poise pretrain runs in one process" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -267,6 +267,11 @@ def cmd_pretrain(args) -> int:
     from poise.bench import splits_for
     from poise.train.pretrain import run_pretrain
 
+    from poise.train.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise PoiseError("poise pretrain runs in one process (its contrastive negatives are the whole batch); start it "
+                         "without torchrun, then give its folder to 'torchrun ... -m poise train --init DIR'")
     cfg = _config(args)
     if args.epochs is not None and args.epochs < 1:
         raise PoiseError(f"--epochs must be at least 1, got {args.epochs}")
