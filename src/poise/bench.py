@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,10 @@ def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str |
     return result.to_dict()
 
 
+#: a run folder's description: what ``poise train --resume`` and ``poise eval`` rebuild the run from
+RUN_FILE = "run.json"
+
+
 def run_folder(out: Path, name: str, seed: int) -> Path:
     """Where ``poise bench`` in ``out`` keeps the run of one method (or variant) and seed."""
     return out / "runs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") / f"seed{seed}"
@@ -185,7 +189,7 @@ def write_run_description(out_dir: Path, dataset: str, method: str, seed: int, c
     if is_main_process():
         description = {"dataset": dataset, "method": method, "name": name or method, "seed": seed, "init": init_dir,
                        "config": cfg.model_dump()}
-        atomic_write_text(json.dumps(description, indent=1), out_dir / "run.json")
+        atomic_write_text(json.dumps(description, indent=1), out_dir / RUN_FILE)
 
 
 def warm_up(threads: int | None = None) -> None:

@@ -94,12 +94,12 @@ def _config(args):
     return run_config(args.dataset, file_layer, parse_set(args.sets))
 
 
-RUN_FILE = "run.json"
 
 
 def _stored_run(args) -> dict:
     """The dataset, method, seed, init folder and configuration of the run that ``--resume DIR`` continues;
     refused when anything given on the command line differs from them."""
+    from poise.bench import RUN_FILE
     from poise.config import RunConfig
     from poise.train.checkpoint import CHECKPOINT_FILE, first_difference
 
@@ -184,6 +184,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from poise.bench import RUN_FILE
     from poise.config import parse_set
     from poise.eval.robustness import bench_run_dirs, evaluate_run, robustness_table, summary_table
     from poise.train.trainer import atomic_write_text
@@ -193,11 +194,12 @@ def cmd_eval(args) -> int:
     except ValueError:
         raise PoiseError(f"--missing-rates expects comma-separated numbers, got '{args.missing_rates}'") from None
     folder = Path(args.dir)
+    overrides = parse_set(args.sets)
     name = f"eval_{args.split}.json"
-    if (folder / "results.json").is_file() and not (folder / "run.json").is_file():  # a bench folder: every run
+    if (folder / "results.json").is_file() and not (folder / RUN_FILE).is_file():  # a bench folder: every run
         reports = []
         for run_dir in bench_run_dirs(folder):
-            reports.append(evaluate_run(run_dir, parse_set(args.sets), args.split, rates, args.drop_each))
+            reports.append(evaluate_run(run_dir, overrides, args.split, rates, args.drop_each))
             atomic_write_text(json.dumps(reports[-1], indent=1), run_dir / name)
             print(f"{reports[-1]['method']} seed {reports[-1]['seed']}: accuracy "
                   f"{reports[-1]['results'][0]['accuracy']:.4f} as configured", flush=True)
@@ -209,7 +211,7 @@ def cmd_eval(args) -> int:
         print(table)
         print(f"written to {folder / name} and {folder / f'eval_{args.split}.md'}")
         return 0
-    report = evaluate_run(folder, parse_set(args.sets), args.split, rates, args.drop_each)
+    report = evaluate_run(folder, overrides, args.split, rates, args.drop_each)
     atomic_write_text(json.dumps(report, indent=1), folder / name)
     print(f"{report['method']} seed {report['seed']} ({report['dataset']}), best epoch {report['best_epoch']}, "
           f"{args.split} split:")
@@ -265,18 +267,13 @@ def cmd_report(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from poise.bench import splits_for
-    from poise.train.pretrain import run_pretrain
-
     from poise.train.distributed import launched_by_torchrun
+    from poise.train.pretrain import run_pretrain
 
     if launched_by_torchrun():
         raise PoiseError("poise pretrain runs in one process (its contrastive negatives are the whole batch); start it "
                          "without torchrun, then give its folder to 'torchrun ... -m poise train --init DIR'")
     cfg = _config(args)
-    if args.epochs is not None and args.epochs < 1:
-        raise PoiseError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.temperature <= 0:
-        raise PoiseError(f"--temperature must be positive, got {args.temperature}")
     summary = run_pretrain(splits_for(args.dataset, cfg), cfg, Path(args.out), args.seed, args.objective,
                            epochs=args.epochs, temperature=args.temperature)
     print(json.dumps(summary, indent=1))

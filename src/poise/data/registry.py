@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from torch import Tensor
 
 from poise.config import DataConfig, describe_validation_error
 from poise.data.avdigits import AVDIGITS_DEFAULTS, AvDigitsOptions, build_avdigits
@@ -75,6 +76,11 @@ def dataset_kind(spec: str) -> tuple[DatasetKind, str | None]:
     return kind, arg or None
 
 
+def split_missing_mask(n: int, num_modalities: int, rate: float, split_seed: int, split: str) -> Tensor:
+    """The missing-modality mask that ``load_dataset`` gives one split at ``rate`` (fixed by the split seed)."""
+    return missing_mask(n, num_modalities, rate, seed=split_seed * 7919 + ("train", "val", "test").index(split))
+
+
 def load_dataset(spec: str, options: dict[str, Any], data: DataConfig) -> DataSplits:
     """Build the train / val / test splits of ``spec`` (``name`` or ``name:ARG``), then apply the
     missing-modality masks of ``data`` (fixed by ``data.split_seed``)."""
@@ -86,9 +92,9 @@ def load_dataset(spec: str, options: dict[str, Any], data: DataConfig) -> DataSp
     splits = kind.builder(arg, opts, data.val_fraction, data.split_seed)
     m = len(splits.info.modalities)
     rates = {"train": data.missing_rate, "val": data.missing_rate, "test": data.missing_rate if data.missing_rate_test is None else data.missing_rate_test}
-    for i, (split_name, rate) in enumerate(rates.items()):
+    for split_name, rate in rates.items():
         if rate > 0:
             ds = splits.split(split_name)
-            present = missing_mask(len(ds), m, rate, seed=data.split_seed * 7919 + i)
+            present = split_missing_mask(len(ds), m, rate, data.split_seed, split_name)
             setattr(splits, split_name, ds.with_present(present))
     return splits

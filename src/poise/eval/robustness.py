@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from poise.bench import RUN_FILE, run_folder
 from poise.errors import ConfigError, DataError
 
-RUN_FILE = "run.json"
 BEST_FILE = "best.pt"
 SPLITS = ("test", "val")
 #: what ``poise eval --set`` may change: how the data is presented and where the model runs
@@ -51,7 +51,7 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None, split: str = "tes
     rate), at each of ``missing_rates``, and with each modality dropped from every sample."""
     from poise.bench import method_options, splits_for
     from poise.config import build_config, flatten
-    from poise.data.base import missing_mask
+    from poise.data.registry import split_missing_mask
     from poise.eval.metrics import evaluate
     from poise.methods.registry import make_method
     from poise.train.trainer import Trainer
@@ -86,7 +86,6 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None, split: str = "tes
     dataset = splits.split(split)
     modalities = list(model.modalities)
     num_classes = splits.info.num_classes
-    split_index = {"val": 1, "test": 2}[split]  # the mask seeds load_dataset uses (train 0, val 1, test 2)
 
     def score(ds) -> dict[str, Any]:
         result = evaluate(model, method, trainer.make_loader(ds, shuffle=False), num_classes, trainer.device)
@@ -96,7 +95,7 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None, split: str = "tes
     rows = [{"condition": "as configured", "missing_rate": _configured_rate(cfg, split), "dropped": None,
              **score(dataset)}]
     for rate in missing_rates or []:
-        present = missing_mask(len(dataset), len(modalities), rate, seed=cfg.data.split_seed * 7919 + split_index)
+        present = split_missing_mask(len(dataset), len(modalities), rate, cfg.data.split_seed, split)
         rows.append({"condition": f"missing rate {rate:g}", "missing_rate": rate, "dropped": None,
                      **score(dataset.with_present(present))})
     if drop_each and len(modalities) > 1:
@@ -114,8 +113,6 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None, split: str = "tes
 
 def bench_run_dirs(bench_dir: Path) -> list[Path]:
     """The run folders of a ``poise bench`` output folder, in the order of its results.json."""
-    from poise.bench import run_folder
-
     path = bench_dir / "results.json"
     try:
         runs = json.loads(path.read_text())["runs"]
