@@ -146,7 +146,7 @@ def raw_flow_epoch(raw: Path, clips: list[str], image_size: int, flow: str) -> C
 
 
 def raw_epoch(dataset: str, raw: Path, clips: list[str], image_size: int) -> Clock:
-    from poise.data.media import ClipSpectrogram, ImageTransform, NormalisedFbank, read_audio, sample_frame_indices, video_frames
+    from poise.data.media import ClipSpectrogram, ImageTransform, NormalisedFbank, sample_frame_indices, video_frames
 
     transform = ImageTransform(image_size)
     rng = np.random.default_rng(0)
@@ -158,7 +158,7 @@ def raw_epoch(dataset: str, raw: Path, clips: list[str], image_size: int) -> Clo
             else:
                 features, frames = NormalisedFbank(), 3
                 audio = video = raw / "videos" / f"{clip}.mp4"
-            features(read_audio(audio, features.sample_rate), rng)
+            features(features.read(audio), rng)
             images = video_frames(video, 1.0)
             for k in sample_frame_indices(len(images), frames, "first" if frames == 1 else "segments", rng):
                 transform(images[k], rng)

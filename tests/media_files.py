@@ -29,8 +29,9 @@ def write_jpgs(folder: Path, count: int, size=(40, 30), seed: int = 0, mode: str
 
 
 def write_video(path: Path, seconds: float = 2.0, fps: int = 5, size=(32, 24), sample_rate: int = 16000,
-                audio: bool = True, seed: int = 0) -> None:
-    """An mp4 (MPEG-4 video, AAC mono audio: a 440 Hz tone) of random frames."""
+                audio: bool = True, seed: int = 0, channels: int = 1) -> None:
+    """An mp4 (MPEG-4 video, AAC audio: a 440 Hz tone, mono or stereo with a 660 Hz tone on the
+    right) of random frames."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +42,7 @@ def write_video(path: Path, seconds: float = 2.0, fps: int = 5, size=(32, 24), s
         sound = None
         if audio:
             sound = container.add_stream("aac", rate=sample_rate)
-            sound.layout = "mono"
+            sound.layout = "mono" if channels == 1 else "stereo"
         for _ in range(int(seconds * fps)):
             image = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
             for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
@@ -50,10 +51,12 @@ def write_video(path: Path, seconds: float = 2.0, fps: int = 5, size=(32, 24), s
             container.mux(packet)
         if sound is not None:
             n = int(seconds * sample_rate)
-            wave = (0.1 * np.sin(np.arange(n) * 2 * np.pi * 440 / sample_rate)).astype(np.float32)
+            tones = [440, 660][:channels]
+            wave = np.stack([0.1 * np.sin(np.arange(n) * 2 * np.pi * f / sample_rate) for f in tones]).astype(np.float32)
             step = sound.codec_context.frame_size or 1024
             for start in range(0, n, step):
-                frame = av.AudioFrame.from_ndarray(wave[None, start: start + step], format="flt", layout="mono")
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, start: start + step]), format="fltp",
+                                                   layout="mono" if channels == 1 else "stereo")
                 frame.sample_rate, frame.pts = sample_rate, start
                 for packet in sound.encode(frame):
                     container.mux(packet)

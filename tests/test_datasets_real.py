@@ -100,7 +100,7 @@ def naive_log_stft(x, n_fft, hop):
 
 def test_log_stft_matches_a_direct_fourier_transform():
     x = np.random.default_rng(0).standard_normal(3000).astype(np.float32)
-    np.testing.assert_allclose(log_stft(x, 256, 128), naive_log_stft(x.astype(np.float64), 256, 128), atol=2e-3)
+    np.testing.assert_allclose(log_stft(x, 256, 128), naive_log_stft(x.astype(np.float64), 256, 128), atol=1e-5)
 
 
 def test_published_audio_shapes():
@@ -112,7 +112,7 @@ def test_published_audio_shapes():
     np.testing.assert_allclose(spec, log_stft(tiled, 512, 353), atol=1e-5)  # tiled and cut to 3 s
     vgg = CroppedSpectrogram()
     stored = vgg.cache_array(short)
-    assert stored.dtype == np.int16 and len(stored) >= 160000
+    assert stored.dtype == np.float32 and len(stored) == len(short)  # tiled when read
     assert vgg.from_cache(stored, None).shape == (129, 626)
     np.testing.assert_array_equal(vgg.from_cache(stored, None), vgg.from_cache(stored, None))
     fbank = NormalisedFbank()(short, None)
@@ -148,7 +148,7 @@ def test_kaldi_fbank_matches_a_frame_by_frame_reference():
     wave = np.random.default_rng(1).standard_normal(1200).astype(np.float32)
     ours = kaldi_fbank(wave, 16000, num_mel_bins=16)
     assert ours.shape == (1 + (1200 - 400) // 160, 16)
-    np.testing.assert_allclose(ours, naive_kaldi_fbank(wave, 16000, 16), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(ours, naive_kaldi_fbank(wave, 16000, 16), rtol=0, atol=1e-5)
 
 
 def test_image_transforms_and_frame_choice():

@@ -92,8 +92,9 @@ def test_prepare_cli_for_vggsound_and_kinetics_sounds(tmp_path, capsys):
     assert main(["prepare", "vggsound", "--raw", str(raw), "--out", str(out), "--workers", "1"]) == 0
     assert "6 clips prepared, 0 already done, 0 skipped" in capsys.readouterr().out
     stored = np.load(out / "waveform" / "yt0_0.npy")
-    decoded = read_audio(raw / "videos" / "yt0_0.mp4", 16000)  # about 3 s, tiled 4 times to pass 10 s
-    assert stored.dtype == np.int16 and len(stored) == 4 * len(decoded) and abs(len(decoded) - 48000) < 2048
+    decoded = read_audio(raw / "videos" / "yt0_0.mp4", 16000)  # about 3 s: stored untiled, tiled when read
+    assert stored.dtype == np.float32 and abs(len(decoded) - 48000) < 2048
+    np.testing.assert_array_equal(stored, decoded)
     splits = load_dataset(f"vggsound:{out}", {"image_size": 32}, DataConfig(val_fraction=0.5))
     assert splits.train[0][0]["audio"].shape == (1, 129, 626) and splits.train[0][0]["visual"].shape == (3, 3, 32, 32)
     torch.testing.assert_close(splits.test[0][0]["audio"], splits.test[0][0]["audio"])

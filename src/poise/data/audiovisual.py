@@ -260,7 +260,7 @@ AUDIO_VISUAL_SETS = {
     s.name: s for s in (
         AudioVisualSet("cremad", cremad_rows, ClipSpectrogram()),
         AudioVisualSet("kinetics_sounds", kinetics_sounds_rows, NormalisedFbank()),
-        AudioVisualSet("ave", ave_rows, NormalisedFbank()),
+        AudioVisualSet("ave", ave_rows, NormalisedFbank(mono=True)),  # the released AVE wavs: ffmpeg -ac 1
         AudioVisualSet("vggsound", vggsound_rows, CroppedSpectrogram()),
     )
 }

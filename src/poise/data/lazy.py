@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from poise.data.base import ModalitySpec
-from poise.data.media import AudioFeatures, ImageTransform, list_images, read_audio, read_image, sample_frame_indices
+from poise.data.media import AudioFeatures, ImageTransform, list_images, read_image, sample_frame_indices
 from poise.errors import DataError
 
 
@@ -115,7 +115,7 @@ class AudioReader(SampleReader):
                 raise DataError(f"cached audio '{path}' cannot be read: {e}") from None
             x = self.features.from_cache(_check_shape(stored, self.features.cache_shape(), path), rng)
         else:
-            x = self.features(read_audio(path, self.features.sample_rate), rng)
+            x = self.features(self.features.read(path), rng)
         return x.astype(np.float32, copy=False)[None]
 
 

@@ -4,11 +4,12 @@ The media packages (soundfile and soxr for audio, PyAV for video, Pillow for ima
 extra ``poise[media]``; they are imported when first needed, with an error naming the extra when one
 is missing.
 
-Spectrograms use ``torch.stft`` with a periodic Hann window, centred frames and zero padding: the
-same numbers as ``librosa.stft`` in the released loaders. The Kaldi filter-bank follows
-``torchaudio.compliance.kaldi.fbank`` with the arguments of the released Kinetics-Sounds / AVE code
-(hanning window, 25 ms frames, 10 ms shift, pre-emphasis 0.97, DC removal, 128 mel bins from 20 Hz
-to Nyquist, log power, no dither).
+Audio is read as ``librosa.load`` (>= 0.10) reads it in the released loaders: the channel mean,
+soxr "HQ" resampling, zero-padded to ``ceil(n * ratio)`` samples. Spectrograms are the numbers of
+``librosa.stft`` (periodic Hann window, centred frames, zero padding, float64 FFT rounded to
+complex64). The Kaldi filter-bank follows ``torchaudio.compliance.kaldi.fbank`` with the arguments
+of the released Kinetics-Sounds / AVE code (hanning window, 25 ms frames, 10 ms shift, pre-emphasis
+0.97, DC removal, 128 mel bins from 20 Hz to Nyquist, log power, no dither), on channel 0.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from types import ModuleType
 from typing import Literal
 
 import numpy as np
-import torch
 
 from poise.errors import DataError
 
@@ -43,8 +43,11 @@ def require(module: str, package: str | None = None, extra: str = "media") -> Mo
 
 
 # ---- audio ------------------------------------------------------------------------------------------
-def read_audio(path: Path, sample_rate: int) -> np.ndarray:
-    """Mono float32 samples of an audio file (or of a video's audio track) at ``sample_rate``."""
+def read_audio(path: Path, sample_rate: int, mono: bool = True) -> np.ndarray:
+    """Float32 samples of an audio file (or of a video's audio track) at ``sample_rate``, as
+    ``librosa.load(path, sr=sample_rate, mono=mono)`` gives them (librosa >= 0.10): the file's
+    samples at its own rate, the channel mean (``mono``; else every channel, (channels, n)),
+    resampled by soxr "HQ" and padded with zeros (or cut) to ``ceil(n * ratio)`` samples."""
     path = Path(path)
     if path.suffix.lower() in SOUNDFILE_SUFFIXES:
         sf = require("soundfile")
@@ -52,37 +55,62 @@ def read_audio(path: Path, sample_rate: int) -> np.ndarray:
             data, rate = sf.read(str(path), dtype="float32", always_2d=True)
         except (RuntimeError, sf.LibsndfileError) as e:
             raise DataError(f"audio file '{path}' cannot be read: {e}") from None
-        wave = data.mean(axis=1)
+        channels = data.T
     else:
-        wave, rate = _decode_audio_track(path, sample_rate)
-    if wave.size == 0:
+        channels, rate = _decode_audio_track(path)
+    if channels.shape[1] == 0:
         raise DataError(f"audio file '{path}' is empty (no samples)")
-    if rate != sample_rate:  # soxr "HQ", the resampler behind librosa.load in the released loaders
-        wave = require("soxr").resample(wave, rate, sample_rate, quality="HQ")
-    return np.ascontiguousarray(wave, dtype=np.float32)
+    wave = np.mean(channels, axis=0) if mono else channels  # librosa.to_mono, in float32
+    return np.ascontiguousarray(resample(wave, rate, sample_rate), dtype=np.float32)
 
 
-def _decode_audio_track(path: Path, sample_rate: int) -> tuple[np.ndarray, int]:
+def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """``librosa.resample(wave, orig_sr=rate, target_sr=target)`` (>= 0.10: soxr "HQ", then
+    ``fix_length`` to ``ceil(n * target / rate)``), on the last axis."""
+    if rate == target:
+        return wave
+    soxr = require("soxr")
+    n = int(np.ceil(wave.shape[-1] * (float(target) / rate)))
+    rows = [soxr.resample(row, rate, target, quality="HQ") for row in wave.reshape(-1, wave.shape[-1])]
+    out = np.zeros((len(rows), n), dtype=wave.dtype)
+    for row, resampled in zip(out, rows):
+        row[: min(n, len(resampled))] = resampled[:n]
+    return out.reshape(*wave.shape[:-1], n)
+
+
+def _decode_audio_track(path: Path) -> tuple[np.ndarray, int]:
+    """(channels, n) float32 samples of a video's first audio track at its own rate. The channels
+    are kept apart (planar) so that they are averaged as for a wav file: FFmpeg's own downmix to
+    float mono is (L + R) / sqrt(2), 3 dB above the channel mean."""
     av = require("av")
-    chunks = []
+    chunks, rate = [], None
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise DataError(f"'{path}' has no audio track")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            for frame in container.decode(container.streams.audio[0]):
-                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="fltp")  # sample format only: rate and layout kept
+            for frame in container.decode(stream):
+                rate = rate or frame.sample_rate
+                chunks += [f.to_ndarray() for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray() for f in resampler.resample(None)]
     except av.error.FFmpegError as e:
         raise DataError(f"media file '{path}' cannot be decoded: {e}") from None
-    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), sample_rate
+    if not chunks:
+        return np.zeros((1, 0), np.float32), rate or 1
+    return np.concatenate(chunks, axis=1).astype(np.float32, copy=False), rate
 
 
 def log_stft(wave: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
-    """``log(|STFT| + 1e-7)``, (n_fft // 2 + 1, 1 + len // hop), as librosa.stft(center=True) gives."""
-    spec = torch.stft(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), n_fft, hop_length=hop,
-                      window=torch.hann_window(n_fft), center=True, pad_mode="constant", return_complex=True)
-    return torch.log(spec.abs() + 1e-7).numpy()
+    """``np.log(np.abs(librosa.stft(wave, n_fft=n_fft, hop_length=hop)) + 1e-7)`` of a float32
+    wave, (n_fft // 2 + 1, 1 + len // hop): centred frames, zero padding, periodic Hann window.
+    As in librosa, the frames and their FFT are float64 and only the result is rounded to
+    complex64 (a float32 FFT turns near-empty bands into rounding noise); the log is float32."""
+    x = np.pad(np.asarray(wave, dtype=np.float32), n_fft // 2)
+    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    spec = np.fft.rfft(frames * window, axis=1).astype(np.complex64).T
+    return np.log(np.abs(spec) + np.float32(1e-7))
 
 
 def tile_to(wave: np.ndarray, length: int) -> np.ndarray:
@@ -96,8 +124,8 @@ def _mel(f):
 
 def kaldi_mel_banks(num_bins: int, padded_window: int, sample_rate: int, low_freq: float = 20.0,
                     high_freq: float = 0.0) -> np.ndarray:
-    """Triangular mel filters on the FFT bins (num_bins, padded_window // 2 + 1), Kaldi style
-    (the Nyquist bin gets no weight)."""
+    """Triangular mel filters on the FFT bins (num_bins, padded_window // 2 + 1), float64, Kaldi
+    style (the Nyquist bin gets no weight)."""
     nyquist = 0.5 * sample_rate
     if high_freq <= 0.0:
         high_freq += nyquist
@@ -107,36 +135,44 @@ def kaldi_mel_banks(num_bins: int, padded_window: int, sample_rate: int, low_fre
     left, center, right = mel_low + b * delta, mel_low + (b + 1) * delta, mel_low + (b + 2) * delta
     mel = _mel(sample_rate / padded_window * np.arange(padded_window // 2))[None, :]
     banks = np.maximum(0.0, np.minimum((mel - left) / (center - left), (right - mel) / (right - center)))
-    return np.pad(banks, ((0, 0), (0, 1))).astype(np.float32)
+    return np.pad(banks, ((0, 0), (0, 1)))
 
 
 def kaldi_fbank(wave: np.ndarray, sample_rate: int, num_mel_bins: int = 128, frame_length_ms: float = 25.0,
                 frame_shift_ms: float = 10.0, preemphasis: float = 0.97) -> np.ndarray:
-    """Log mel filter-bank energies (frames, num_mel_bins), snip_edges frames, no dither."""
+    """Log mel filter-bank energies (frames, num_mel_bins) as ``torchaudio.compliance.kaldi.fbank``
+    gives them with the released arguments: snip_edges frames, no dither, per-frame DC removal,
+    pre-emphasis, non-periodic Hann ("hanning") window, power spectrum, log with the float32
+    epsilon as floor. Computed in float64, rounded to float32 at the end."""
     size = int(sample_rate * frame_length_ms / 1000)
     shift = int(sample_rate * frame_shift_ms / 1000)
     padded = 1 << (size - 1).bit_length()
-    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+    x = np.asarray(wave, dtype=np.float64)
     if len(x) < size:
         return np.zeros((0, num_mel_bins), np.float32)
-    frames = x.unfold(0, size, shift)
-    frames = frames - frames.mean(dim=1, keepdim=True)
-    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
-    frames = (frames - preemphasis * previous) * torch.hann_window(size, periodic=False)
-    power = torch.fft.rfft(torch.nn.functional.pad(frames, (0, padded - size))).abs().pow(2)
-    energies = power @ torch.from_numpy(kaldi_mel_banks(num_mel_bins, padded, sample_rate)).T
-    return energies.clamp_min(torch.finfo(torch.float32).eps).log().numpy()
+    frames = np.lib.stride_tricks.sliding_window_view(x, size)[::shift]
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    previous = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(size) / (size - 1))
+    power = np.abs(np.fft.rfft((frames - preemphasis * previous) * window, n=padded, axis=1)) ** 2
+    energies = power @ kaldi_mel_banks(num_mel_bins, padded, sample_rate).T
+    return np.log(np.maximum(energies, np.finfo(np.float32).eps)).astype(np.float32)
 
 
 # ---- the datasets' audio features -----------------------------------------------------------------
 @dataclass(frozen=True)
 class AudioFeatures:
-    """One dataset's audio preprocessing. ``cache_array`` is what ``poise prepare`` stores per clip
-    (the deterministic part); ``from_cache`` finishes it at load time (random crops in training)."""
+    """One dataset's audio preprocessing. ``read`` decodes a file as the released loader does;
+    ``cache_array`` is what ``poise prepare`` stores per clip (the deterministic part);
+    ``from_cache`` finishes it at load time (random crops in training)."""
 
     sample_rate: int
     shape: tuple[int, ...]
     cache_dir: str
+    mono: bool = True  # False: cache_array receives every channel, (channels, n)
+
+    def read(self, path: Path) -> np.ndarray:
+        return read_audio(path, self.sample_rate, mono=self.mono)
 
     def cache_array(self, wave: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -155,7 +191,8 @@ class AudioFeatures:
 @dataclass(frozen=True)
 class ClipSpectrogram(AudioFeatures):
     """CREMA-D (OGM-GE): 22,050 Hz, tiled and cut to 3 s, clipped to [-1, 1], STFT n_fft 512 hop 353,
-    log(|S| + 1e-7): 257 x 188."""
+    log(|S| + 1e-7): 257 x 188. The released loader tiles three times (``np.tile(x, 3)``); poise
+    tiles as often as needed, the same for every clip of 1 s or more."""
 
     sample_rate: int = 22050
     shape: tuple[int, ...] = (1, 257, 188)
@@ -171,29 +208,38 @@ class ClipSpectrogram(AudioFeatures):
 
 @dataclass(frozen=True)
 class NormalisedFbank(AudioFeatures):
-    """Kinetics-Sounds and AVE: 16 kHz, mean removed, Kaldi fbank (128 mel, 10 ms shift), zero-padded
-    or cut to 1024 frames, normalised ``(x - mean) / (2 std)`` with the AudioSet statistics:
-    (1, 1024, 128), time first as in the released loader."""
+    """Kinetics-Sounds and AVE: 16 kHz, the mean of all samples removed, channel 0 (Kinetics-Sounds,
+    ``mono`` False: its released wavs are stereo and ``kaldi.fbank`` reads the first channel; AVE,
+    ``mono`` True: its released wavs are the channel mean, ``ffmpeg -ac 1``), Kaldi fbank (128 mel,
+    10 ms shift), zero-padded or cut to 1024 frames, normalised ``(x - mean) / (2 std)`` with the
+    AudioSet statistics: (1, 1024, 128), time first as in the released loader. The released loader
+    computes the filter-bank at the wav's own rate (16 kHz for the released wavs); other rates are
+    resampled to 16 kHz here."""
 
     sample_rate: int = 16000
     shape: tuple[int, ...] = (1, 1024, 128)
     cache_dir: str = "fbank"
+    mono: bool = False
     norm_mean: float = -4.503877
     norm_std: float = 5.141276
 
     def cache_array(self, wave):
         frames, bins = self.shape[1:]
-        fbank = kaldi_fbank(wave - wave.mean(), self.sample_rate, num_mel_bins=bins)
+        wave = np.asarray(wave, dtype=np.float32)
+        fbank = kaldi_fbank((wave - wave.mean()).reshape(-1, wave.shape[-1])[0], self.sample_rate, num_mel_bins=bins)
         out = np.zeros((frames, bins), np.float32)
         out[: min(frames, len(fbank))] = fbank[:frames]
-        return (out - self.norm_mean) / (2 * self.norm_std)
+        return (out - np.float32(self.norm_mean)) / np.float32(2 * self.norm_std)
 
 
 @dataclass(frozen=True)
 class CroppedSpectrogram(AudioFeatures):
-    """VGGSound (OGM-GE): 16 kHz tiled to at least 10 s; a 5 s crop (random start in [0, 5 s] in
-    training, the centre at evaluation), clipped, STFT 256 / 128, log(|S| + 1e-7): 129 x 626. The
-    cache holds the tiled 16-bit waveform, so that the crop stays random."""
+    """VGGSound (OGM-GE): 16 kHz tiled to at least 10 s; a 5 s crop, clipped, STFT 256 / 128,
+    log(|S| + 1e-7): 129 x 626. The crop starts at a uniform sample of [0, 5 s] in training (the
+    released start). The released loader draws it at random at test time too; poise evaluates on a
+    fixed crop, the centre of the clip's first 10 s (2.5 s for a full 10 s clip, the middle of the
+    released range), which never wraps a clip of 5 s or more round. The cache holds the first 10 s
+    of the waveform, float32 and untiled (all that any crop reads)."""
 
     sample_rate: int = 16000
     shape: tuple[int, ...] = (1, 129, 626)
@@ -207,18 +253,18 @@ class CroppedSpectrogram(AudioFeatures):
         return None
 
     def cache_array(self, wave):
-        tiled = tile_to(wave, int(self.sample_rate * self.min_seconds))
-        return (np.clip(tiled, -1.0, 1.0) * 32767).astype(np.int16)
+        return np.asarray(wave[: int(self.sample_rate * self.min_seconds)], dtype=np.float32)
 
     def from_cache(self, stored, rng):
-        wave = stored.astype(np.float32) / 32767
-        if wave.ndim != 1 or len(wave) < int(self.sample_rate * self.min_seconds):
-            raise DataError(f"a cached waveform must be 1-D with at least {self.min_seconds} s, got shape {wave.shape}")
+        if stored.ndim != 1 or stored.dtype != np.float32 or len(stored) == 0:
+            raise DataError(f"a cached VGGSound waveform must be 1-D float32 samples, got {stored.dtype} of shape "
+                            f"{stored.shape} (a cache from an older poise prepare: prepare it again)")
         n = int(self.sample_rate * self.seconds)
         if rng is None:
-            start = (len(wave) - n) // 2
-        else:  # the released start: uniform in [0, 5 s], whatever the clip's length
-            start = int(rng.integers(0, min(len(wave) - n, n), endpoint=True))
+            start = max(0, (len(stored) - n) // 2)
+        else:
+            start = int(rng.integers(0, n, endpoint=True))
+        wave = tile_to(stored, int(self.sample_rate * self.min_seconds))
         return log_stft(np.clip(wave[start: start + n], -1.0, 1.0), self.n_fft, self.hop)
 
 

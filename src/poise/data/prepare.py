@@ -97,9 +97,7 @@ class ClipJob:
             source = self.audio or self.video
             if source is None:
                 raise DataError("no audio file and no video to read the audio track from")
-            from poise.data.media import read_audio
-
-            save_array(self.features.cache_array(read_audio(source, self.features.sample_rate)), self.audio_out)
+            save_array(self.features.cache_array(self.features.read(source)), self.audio_out)
         if self.frames_out is not None:
             if self.video is None:
                 raise DataError("no video file to take frames from")
