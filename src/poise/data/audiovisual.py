@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from poise.data.base import DataSplits
+from poise.data.frames import FrameChoice
 from poise.data.lazy import AudioReader, FlowReader, FrameReader, assemble_splits, resolve_problems
 from poise.data.media import AudioFeatures, ClipSpectrogram, CroppedSpectrogram, ImageTransform, NormalisedFbank, list_images
 from poise.errors import DataError
@@ -49,8 +50,9 @@ class AudioVisualOptions(MediaOptions):
     audio_dir: str = Field("audio", description="raw audio folder (<clip>.wav), read when no prepared cache exists")
     visual_dir: str = Field("visual", description="frame folder (<clip>/<frame>.jpg)")
     frames: int = Field(3, ge=1, description="frames per clip")
-    frame_sampling: Literal["first", "segments"] = Field(
-        "segments", description="first: the first frames; segments: one frame per equal segment (random in training)"
+    frame_sampling: FrameChoice = Field(
+        "segments", description="which frames (poise.data.frames): first, segments (random in training, middles at test), "
+        "segment_starts (OGM-GE), segments_then_starts (BalanceBenchmark)"
     )
 
 
@@ -140,7 +142,8 @@ class CremadOptions(AudioVisualOptions):
     audio_dir: str = Field("AudioWAV", description="raw audio folder (<clip>.wav), read when no prepared cache exists")
     visual_dir: str = Field("Image-01-FPS", description="frames at 1 fps (<clip>/NNNNN.jpg)")
     frames: int = Field(1, ge=1, description="frames per clip (OGM-GE: 1)")
-    frame_sampling: Literal["first", "segments"] = Field("first", description="first: the first frames of the sorted list")
+    frame_sampling: FrameChoice = Field("first", description="first: the first frames of the sorted list (OGM-GE); "
+                                         "segments_then_starts with frames 2: BalanceBenchmark")
 
 
 def cremad_rows(root: Path, options: CremadOptions) -> tuple[list[ClipRow], list[str]]:
@@ -278,6 +281,16 @@ class Ucf101Options(MediaOptions):
     flow_u_dir: str = Field("flow/u", description="horizontal flow frames (<video>/<frame>.jpg), greyscale")
     flow_v_dir: str = Field("flow/v", description="vertical flow frames, the same names as u")
     frames: int = Field(3, ge=1, description="RGB frames and flow frames per video")
+    frame_sampling: FrameChoice = Field(
+        "segments", description="which frames (poise.data.frames); BalanceBenchmark: segments_then_starts in a window of 6"
+    )
+    frame_window: int | None = Field(
+        None, ge=1, description="only the first N RGB frame files take part (none: every frame; BalanceBenchmark: 6)"
+    )
+    flow_flip: Literal["joint", "independent"] = Field(
+        "joint", description="joint: one flip for u and v with u negated (the mirrored video's flow); independent: "
+        "u and v flipped each on its own, u not negated (BalanceBenchmark)"
+    )
 
 
 def ucf101_rows(root: Path, options: Ucf101Options) -> tuple[list[ClipRow], list[str]]:
@@ -312,9 +325,11 @@ def build_ucf101(arg: str | None, options: Ucf101Options, val_fraction: float, s
     rgb = ImageTransform(options.image_size, "resize_flip")
     flow = ImageTransform(options.image_size, "resize_flip", mean=None, std=None)
     readers = {
-        "visual": FrameReader([root / options.rgb_dir / r.clip for r in kept], options.frames, "segments", rgb),
-        "flow": FlowReader(FrameReader([root / options.flow_u_dir / r.clip for r in kept], options.frames, "segments",
-                                       flow, mode="L"), [root / options.flow_v_dir / r.clip for r in kept]),
+        "visual": FrameReader([root / options.rgb_dir / r.clip for r in kept], options.frames, options.frame_sampling, rgb,
+                              window=options.frame_window),
+        "flow": FlowReader(FrameReader([root / options.flow_u_dir / r.clip for r in kept], options.frames,
+                                       options.frame_sampling, flow, mode="L"),
+                           [root / options.flow_v_dir / r.clip for r in kept], flip=options.flow_flip),
     }
     return assemble_splits("ucf101", readers, np.array([r.label for r in kept]), [f"{r.origin} (video '{r.clip}')" for r in kept],
                            _parts(kept), classes, val_fraction, split_seed, skipped)

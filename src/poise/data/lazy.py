@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from poise.data.base import ModalitySpec
-from poise.data.media import AudioFeatures, ImageTransform, list_images, read_audio, read_image, sample_frame_indices
+from poise.data.frames import frame_indices
+from poise.data.media import AudioFeatures, ImageTransform, list_images, read_audio, read_image
 from poise.errors import DataError
 
 
@@ -120,12 +121,14 @@ class AudioReader(SampleReader):
 
 
 class FrameReader(SampleReader):
-    """``count`` frames of a clip's frame folder (sorted), each transformed: (count, C, S, S)."""
+    """``count`` frames of a clip's frame folder (sorted), chosen by ``sampling`` (a
+    :mod:`poise.data.frames` choice) among the first ``window`` files (None: all), each
+    transformed: (count, C, S, S)."""
 
     def __init__(self, folders: Sequence[Path], count: int, sampling: str, transform: ImageTransform,
-                 mode: str = "RGB"):
+                 mode: str = "RGB", window: int | None = None):
         self.folders = list(folders)
-        self.count, self.sampling, self.transform, self.mode = count, sampling, transform, mode
+        self.count, self.sampling, self.transform, self.mode, self.window = count, sampling, transform, mode, window
         channels = 3 if mode == "RGB" else 1
         self.spec = ModalitySpec("frames", (count, channels, transform.size, transform.size))
 
@@ -134,7 +137,7 @@ class FrameReader(SampleReader):
         names = list_images(folder)
         if len(names) < self.count:
             raise DataError(f"frame folder '{folder}' has {len(names)} frames, {self.count} needed")
-        return [folder / names[k] for k in sample_frame_indices(len(names), self.count, self.sampling, rng)]
+        return [folder / names[k] for k in frame_indices(len(names), self.count, self.sampling, rng, self.window)]
 
     def read(self, record, rng):
         return np.stack([self.transform(read_image(p, self.mode), rng) for p in self.frame_paths(record, rng)])
@@ -142,19 +145,26 @@ class FrameReader(SampleReader):
 
 class FlowReader(SampleReader):
     """Optical flow as two greyscale frame folders (u, v) of the same names: (count, 2, S, S).
-    One flip decision per sample for every frame and both components; flipping mirrors the image
-    and negates the horizontal component u (stored around mid-grey, so u -> 1 - u)."""
 
-    def __init__(self, u: FrameReader, v_folders: Sequence[Path]):
-        self.u, self.v_folders = u, list(v_folders)
+    ``flip="joint"`` (poise): one flip decision per sample for every frame and both components;
+    flipping mirrors the image and negates the horizontal component u (stored around mid-grey, so
+    u -> 1 - u): the flow of the mirrored video. ``flip="independent"`` (BalanceBenchmark's
+    released loader): every u and v image draws its own flip and u keeps its sign."""
+
+    def __init__(self, u: FrameReader, v_folders: Sequence[Path], flip: str = "joint"):
+        if flip not in ("joint", "independent"):
+            raise DataError(f"flow flip '{flip}' is not one of joint, independent")
+        self.u, self.v_folders, self.flip = u, list(v_folders), flip
         self.spec = ModalitySpec("frames", (u.count, 2, u.transform.size, u.transform.size))
 
     def read(self, record, rng):
-        flip = bool(rng.random() < 0.5) if rng is not None and self.u.transform.augment != "none" else False
+        augment = rng is not None and self.u.transform.augment != "none"
+        joint = self.flip == "joint"
+        flip = bool(rng.random() < 0.5) if augment and joint else False
         out = []
         for path in self.u.frame_paths(record, rng):
-            u = self.u.transform(read_image(path, "L"), rng, flip=flip)
-            v = self.u.transform(read_image(self.v_folders[record] / path.name, "L"), rng, flip=flip)
+            u = self.u.transform(read_image(path, "L"), rng, flip=flip if joint else None)
+            v = self.u.transform(read_image(self.v_folders[record] / path.name, "L"), rng, flip=flip if joint else None)
             out.append(np.concatenate([1.0 - u if flip else u, v]))
         return np.stack(out)
 
