@@ -24,6 +24,7 @@ from poise.data.audiovisual import MediaOptions, class_index, dataset_folder
 from poise.data.base import DataSplits, ModalitySpec, stratified_split
 from poise.data.lazy import ArrayReader, ImageReader, assemble_splits, resolve_problems
 from poise.data.media import ImageTransform
+from poise.data.splitlists import list_path
 from poise.errors import DataError
 
 PAD, UNKNOWN = 0, 1
@@ -174,17 +175,32 @@ MVSA_CLASSES = ("negative", "neutral", "positive")
 class MvsaOptions(TextOptions):
     labels_file: str = Field("labelResultAll.txt", description="tab-separated 'ID<TAB>text_label,image_label' with a header")
     data_dir: str = Field("data", description="data/<ID>.jpg and data/<ID>.txt")
-    test_fraction: float = Field(0.1, gt=0, lt=1, description="share held out for test, stratified (no official split)")
+    label_rule: Literal["agree", "neutral_yields"] = Field(
+        "agree", description="agree: only posts whose text and image labels are equal (the released lists of MLA and "
+        "QMF); neutral_yields: neutral gives way to a polar label (MultiSentiNet), positive/negative conflicts dropped"
+    )
+    split: Literal["released", "random"] = Field(
+        "released", description="released: the train/dev/test lists (train_list, dev_list, test_list; dev is the "
+        "validation split); random: a stratified test share test_fraction and a validation share of train"
+    )
+    train_list: str = Field("train.jsonl", description="released training list, JSON lines with 'id' (and 'label')")
+    dev_list: str = Field("dev.jsonl", description="released validation list, same format")
+    test_list: str = Field("test.jsonl", description="released test list, same format")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="split random: share held out for test, stratified")
     augment: Literal["rotate_resize_flip", "random_resized_crop", "resize_flip", "none"] = Field(
         "random_resized_crop", description="training image augmentation"
     )
 
 
-def mvsa_label(text_label: str, image_label: str) -> str | None:
-    """One label per post (MultiSentiNet's rule): equal labels stand; neutral yields to a polar
-    label; a positive / negative conflict has no label (left out, listed)."""
+def mvsa_label(text_label: str, image_label: str, rule: str = "neutral_yields") -> str | None:
+    """One label per post. ``agree``: the two labels equal, else none (the rule behind the released
+    lists: 2,592 posts). ``neutral_yields`` (MultiSentiNet's rule): equal labels stand, neutral
+    yields to a polar label, a positive / negative conflict has none (4,511 posts). A post without
+    a label is left out and listed."""
     if text_label == image_label:
         return text_label
+    if rule == "agree":
+        return None
     if "neutral" in (text_label, image_label):
         return image_label if text_label == "neutral" else text_label
     return None
@@ -210,14 +226,59 @@ def mvsa_rows(root: Path, options: MvsaOptions) -> list[tuple[str, str, str, str
     return rows
 
 
+def mvsa_released_lists(root: Path, options: MvsaOptions) -> dict[str, list[tuple[str, str | None, str]]]:
+    """split -> [(post ID, label or None, origin)] of the released lists (the folder's own, else
+    poise's shipped copy)."""
+    import json
+
+    out = {}
+    for split, name in (("train", options.train_list), ("val", options.dev_list), ("test", options.test_list)):
+        path = list_path(root, "mvsa", name)
+        if not path.is_file():
+            raise DataError(f"MVSA-Single's released {split} list '{root / name}' does not exist and poise ships none; "
+                            "put the released lists (train.jsonl, dev.jsonl, test.jsonl) there, or use "
+                            "--set dataset.split=random for a stratified split of the labelled posts")
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+            if not line.strip():
+                continue
+            origin = f"{name} line {number}"
+            try:
+                item = json.loads(line)
+                post = str(item["id"]).strip()
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{origin}: expected a JSON object with an 'id' (and a 'label'), got '{line[:80]}'") from None
+            label = item.get("label")
+            if label is not None:
+                class_index(str(label), MVSA_CLASSES, origin)
+            rows.append((post, None if label is None else str(label), origin))
+        out[split] = rows
+    return out
+
+
 def build_mvsa(arg: str | None, options: MvsaOptions, val_fraction: float, split_seed: int) -> DataSplits:
     root = dataset_folder(arg, "mvsa")
     file = root / options.labels_file
+    rule = options.label_rule
     problems, conflicts, kept = [], [], []
+    labelled = {}
     for post, text_label, image_label, origin in mvsa_rows(root, options):
-        label = mvsa_label(text_label, image_label)
+        label = mvsa_label(text_label, image_label, rule)
         if label is None:
-            conflicts.append(f"{origin}: post {post} has text label '{text_label}' and image label '{image_label}'")
+            conflicts.append(f"{origin}: post {post} has text label '{text_label}' and image label '{image_label}' "
+                             f"(label_rule {rule})")
+            continue
+        labelled[post] = (label, origin)
+    if options.split == "released":
+        listed = [(post, split, given, origin) for split, rows in mvsa_released_lists(root, options).items()
+                  for post, given, origin in rows]
+    else:
+        listed = [(post, None, None, origin) for post, (_, origin) in labelled.items()]
+    splits = []
+    for post, split, given, origin in listed:
+        label = given if given is not None else labelled.get(post, (None,))[0]
+        if label is None:
+            problems.append(f"{origin}: post {post} has no label under label_rule {rule} in '{file.name}'")
             continue
         image, text = root / options.data_dir / f"{post}.jpg", root / options.data_dir / f"{post}.txt"
         lacking = next((p for p in (image, text) if not p.is_file()), None)
@@ -225,10 +286,17 @@ def build_mvsa(arg: str | None, options: MvsaOptions, val_fraction: float, split
             problems.append(f"{origin}: file '{lacking}' does not exist")
             continue
         kept.append((image, text.read_bytes().decode("utf-8", errors="replace").strip(), MVSA_CLASSES.index(label), origin))
-    skipped = resolve_problems("mvsa", problems, options.on_missing) + conflicts
+        splits.append(split)
+    # with the released lists, the posts without a label are simply not listed
+    skipped = resolve_problems("mvsa", problems, options.on_missing) + (conflicts if options.split == "random" else [])
     labels = np.array([k[2] for k in kept])
     if len(kept) == 0:
         raise DataError(f"mvsa: '{file}' lists no usable post")
-    train, test = stratified_split(labels, (1 - options.test_fraction, options.test_fraction), split_seed)
+    if options.split == "released":
+        where = np.array(splits)
+        parts = {s: np.flatnonzero(where == s) for s in ("train", "val", "test")}
+    else:
+        train, test = stratified_split(labels, (1 - options.test_fraction, options.test_fraction), split_seed)
+        parts = {"train": train, "test": test}
     return image_text_splits("mvsa", [k[0] for k in kept], [k[1] for k in kept], labels, [k[3] for k in kept],
-                             {"train": train, "test": test}, MVSA_CLASSES, options, val_fraction, split_seed, skipped)
+                             parts, MVSA_CLASSES, options, val_fraction, split_seed, skipped)
