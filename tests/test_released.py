@@ -88,3 +88,184 @@ def test_presets_use_the_frames_of_the_quoted_paper():
     assert choices["cremad_ogm_ge"] == {"frames": 1, "frame_sampling": "first"}
     assert choices["cremad_gblend"] == choices["cremad_mla"] == {"frames": 2, "frame_sampling": "segments_then_starts"}
     assert choices["vggsound_ogm_ge"] == {"frames": 3, "frame_sampling": "first"}
+
+
+# ---- 1. MVSA-Single ---------------------------------------------------------------------------------
+MVSA_PAIRS = ["positive,positive", "neutral,negative", "positive,neutral", "negative,negative", "positive,negative",
+              "neutral,neutral", "negative,positive", "neutral,positive"]
+
+
+def write_mvsa(root, repeats=3):
+    """MVSA-Single's layout: labelResultAll.txt (agreeing and disagreeing pairs), data/<ID>.jpg|txt."""
+    lines = ["ID\ttext,image"]
+    pairs = MVSA_PAIRS * repeats
+    for i, pair in enumerate(pairs, start=1):
+        write_jpgs(root / "data", 1, seed=i, names=f"{i}.jpg")
+        (root / "data" / f"{i}.txt").write_text(f"post {i}")
+        lines.append(f"{i}\t{pair}")
+    (root / "labelResultAll.txt").write_text("\n".join(lines) + "\n")
+    return pairs
+
+
+def _all_labels(splits):
+    return np.concatenate([s.labels.numpy() for s in (splits.train, splits.val, splits.test)])
+
+
+def test_mvsa_both_labels_agree_by_default_and_neutral_yields_as_an_option(tmp_path):
+    root = tmp_path / "mvsa"
+    pairs = write_mvsa(root)
+    agree = [p.split(",")[0] for p in pairs if p.split(",")[0] == p.split(",")[1]]
+    splits = load_dataset(f"mvsa:{root}", {**SMALL, "split": "random", "test_fraction": 0.25}, DataConfig(val_fraction=0.2))
+    assert len(_all_labels(splits)) == len(agree) == 9
+    assert np.bincount(_all_labels(splits), minlength=3).tolist() == [3, 3, 3]  # negative, neutral, positive
+    # MultiSentiNet's rule keeps the one-sided posts too: 3 more negative, 6 more positive
+    loose = load_dataset(f"mvsa:{root}", {**SMALL, "split": "random", "test_fraction": 0.25, "label_rule": "neutral_yields"},
+                         DataConfig(val_fraction=0.2))
+    assert np.bincount(_all_labels(loose), minlength=3).tolist() == [6, 3, 9]
+
+
+def test_mvsa_released_lists_are_the_default_split(tmp_path):
+    import json
+
+    root = tmp_path / "mvsa"
+    pairs = write_mvsa(root)
+    agreeing = [str(i) for i, p in enumerate(pairs, start=1) if p.split(",")[0] == p.split(",")[1]]
+    lists = {"train.jsonl": agreeing[:5], "dev.jsonl": agreeing[5:7], "test.jsonl": agreeing[7:]}
+    for name, ids in lists.items():
+        # the released lines carry the label; one list without labels: taken from the label file
+        (root / name).write_text("".join(json.dumps({"id": i, **({"label": pairs[int(i) - 1].split(",")[0]}
+                                                                if name != "dev.jsonl" else {})}) + "\n" for i in ids))
+    splits = load_dataset(f"mvsa:{root}", SMALL, DataConfig())
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (5, 2, 2)
+    expected = [("negative", "neutral", "positive").index(pairs[int(i) - 1].split(",")[0]) for i in agreeing[5:7]]
+    assert splits.val.labels.tolist() == expected
+    assert "skipped" not in splits.notes
+    (root / "test.jsonl").write_text('{"post": 3}\n')
+    with pytest.raises(Exception, match=r"test.jsonl line 1: expected a JSON object with an 'id'"):
+        load_dataset(f"mvsa:{root}", SMALL, DataConfig())
+    (root / "test.jsonl").unlink()
+    from poise.data.splitlists import shipped_list
+
+    if shipped_list("mvsa", "test.jsonl") is None:
+        with pytest.raises(Exception, match=r"released test list .* does not exist and poise ships none"):
+            load_dataset(f"mvsa:{root}", SMALL, DataConfig())
+
+
+# ---- 7. AVE's duplicated ids ------------------------------------------------------------------------
+def _av_clips(root, clips, frames=3):
+    from media_files import write_wav
+
+    for i, clip in enumerate(clips):
+        write_wav(root / "audio" / f"{clip}.wav", seconds=0.3, sample_rate=16000, seed=i)
+        write_jpgs(root / "visual" / clip, frames, seed=i, names="frame_{:05d}.jpg")
+
+
+def write_ave_with_duplicates(root):
+    ids = [f"v{i:03d}" for i in range(6)]
+    _av_clips(root, ids)
+    cats = ["Church bell", "Male speech, man speaking", "Dog"]
+    header = "Category&VideoID&Quality&StartTime&EndTime\n"
+    line = lambda cat, i: f"{cats[cat]}&{ids[i]}&good&0&10\n"  # noqa: E731
+    # v000 twice in the training list (first Church bell, then Dog); v001 in train and in test
+    train = line(0, 0) + line(1, 1) + line(0, 2) + line(2, 0)
+    test = line(1, 3) + line(0, 4) + line(1, 1)
+    (root / "Annotations.txt").write_text(header + train + test)
+    (root / "trainSet.txt").write_text(header + train)
+    (root / "testSet.txt").write_text(header + test)
+    return ids, sorted(cats)
+
+
+def test_ave_keeps_the_last_line_of_a_duplicated_id_and_reports_duplicates(tmp_path):
+    root = tmp_path / "ave"
+    ids, classes = write_ave_with_duplicates(root)
+    splits = load_dataset(f"ave:{root}", {**SMALL, "val_list": None}, DataConfig(val_fraction=0.34))
+    assert splits.info.class_names == tuple(classes)
+    train = torch.cat([splits.train.labels, splits.val.labels])
+    assert len(train) == 3 and len(splits.test) == 3  # v000 once
+    rows = splits.train.rows.tolist() + splits.val.rows.tolist()
+    origins = {splits.train.origins[r].split(" (clip ")[1]: splits.train.all_labels[r].item() for r in rows}
+    assert origins["'v000')"] == classes.index("Dog")  # the last line wins
+    notes = splits.notes["duplicates"]
+    assert len(notes) == 2
+    assert "'v000' is listed 2 times" in notes[0] and "trainSet.txt line 2 (Church bell)" in notes[0] and "line 5 (Dog)" in notes[0]
+    assert "'v001' is listed 2 times" in notes[1] and "it is in train and test" in notes[1]
+
+
+def test_prepare_reports_ave_duplicates(tmp_path):
+    from poise.data.prepare import TARGETS
+
+    root = tmp_path / "ave"
+    write_ave_with_duplicates(root)
+    found = TARGETS["ave"].duplicates(root)
+    assert [line.split("'")[1] for line in found] == ["v000", "v001"]
+
+
+# ---- issue 10.12: official lists shipped with poise --------------------------------------------------
+def _count_rows(path, header=False):
+    lines = [x for x in path.read_text(encoding="utf-8-sig").splitlines() if x.strip()]
+    return len(lines) - int(header)
+
+
+@pytest.mark.parametrize("dataset,files", [
+    ("cremad", {"train.csv": 6698, "test.csv": 744}),
+    ("mvsa", {"train.jsonl": 1555, "dev.jsonl": 518, "test.jsonl": 519}),
+])
+def test_shipped_official_lists_have_the_published_sizes(dataset, files):
+    from poise.data.splitlists import SHIPPED_DIR, shipped_list
+
+    present = {name: shipped_list(dataset, name) for name in files}
+    if not any(present.values()):
+        pytest.skip(f"poise ships no {dataset} split list in {SHIPPED_DIR / dataset}")
+    for name, expected in files.items():
+        assert present[name] is not None, f"{dataset}/{name} is missing beside the other shipped lists"
+        assert _count_rows(present[name]) == expected
+    assert "MIT" in (SHIPPED_DIR / "NOTICE").read_text() or dataset != "cremad"
+
+
+def test_shipped_notice_names_the_ogm_ge_licence():
+    from poise.data.splitlists import SHIPPED_DIR
+
+    text = (SHIPPED_DIR / "NOTICE").read_text()
+    assert "Copyright (c) 2022 GeWu-Lab" in text and "MIT License" in text
+
+
+def test_shipped_list_is_read_when_the_raw_folder_has_none_and_the_raw_list_wins(tmp_path, monkeypatch):
+    from media_files import write_cremad
+
+    import poise.data.splitlists as splitlists
+
+    raw = tmp_path / "cremad"
+    clips = write_cremad(raw)
+    shipped = tmp_path / "shipped"
+    (shipped / "cremad").mkdir(parents=True)
+    for name in ("train.csv", "test.csv"):
+        (raw / name).rename(shipped / "cremad" / name)
+    monkeypatch.setattr(splitlists, "SHIPPED_DIR", shipped)
+    splits = load_dataset(f"cremad:{raw}", SMALL, DataConfig(val_fraction=0.5))
+    assert len(splits.train) + len(splits.val) == len(clips["train"]) and len(splits.test) == len(clips["test"])
+    # a list in the raw folder wins over the shipped one
+    (raw / "test.csv").write_text("".join(f"{c},{lab}\n" for c, lab in clips["test"][:2]))
+    assert len(load_dataset(f"cremad:{raw}", SMALL, DataConfig(val_fraction=0.5)).test) == 2
+    (shipped / "cremad" / "train.csv").unlink()
+    with pytest.raises(Exception, match=r"CREMA-D train list '.*train.csv' does not exist, and poise ships no 'train.csv' for cremad"):
+        load_dataset(f"cremad:{raw}", SMALL, DataConfig())
+
+
+def test_prepare_copies_the_shipped_list_when_the_raw_folder_has_none(tmp_path, monkeypatch):
+    from media_files import write_cremad
+
+    import poise.data.splitlists as splitlists
+    from poise.data import prepare
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write_cremad(raw)
+    shipped = tmp_path / "shipped"
+    (shipped / "cremad").mkdir(parents=True)
+    (raw / "train.csv").rename(shipped / "cremad" / "train.csv")
+    monkeypatch.setattr(splitlists, "SHIPPED_DIR", shipped)
+    jobs, done = prepare.plan("cremad", raw, out)
+    assert len(jobs) == 18  # every clip of both lists
+    monkeypatch.setattr(prepare, "plan", lambda *a, **k: ([], 0))  # the lists only: no decoding here
+    summary = prepare.run_prepare("cremad", raw, out, progress=False)
+    assert summary["lists"] == {"train.csv": "shipped with poise", "test.csv": "raw folder"}
+    assert (out / "train.csv").read_text() == (shipped / "cremad" / "train.csv").read_text()

@@ -289,6 +289,8 @@ def cmd_prepare(args) -> int:
                           flow=args.flow)
     print(f"{args.dataset}: {summary['prepared']} clips prepared, {summary['already_prepared']} already done, "
           f"{summary['skipped']} skipped (listed in {summary['report']})")
+    for line in summary.get("listed_twice", []):
+        print(line)
     return 0
 
 

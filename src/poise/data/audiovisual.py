@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from poise.data.base import DataSplits
 from poise.data.frames import FrameChoice
 from poise.data.lazy import AudioReader, FlowReader, FrameReader, assemble_splits, resolve_problems
+from poise.data.splitlists import list_path
 from poise.data.media import AudioFeatures, ClipSpectrogram, CroppedSpectrogram, ImageTransform, NormalisedFbank, list_images
 from poise.errors import DataError
 
@@ -149,7 +150,8 @@ class CremadOptions(AudioVisualOptions):
 def cremad_rows(root: Path, options: CremadOptions) -> tuple[list[ClipRow], list[str]]:
     rows = []
     for split, file in (("train", options.train_csv), ("test", options.test_csv)):
-        for number, fields in read_rows(root / file, f"CREMA-D {split} list"):
+        what = f"CREMA-D {split} list"
+        for number, fields in read_rows(list_path(root, "cremad", file, what), what):
             origin = f"{file} line {number}"
             if len(fields) < 2:
                 raise DataError(f"{origin}: expected 'clip,LABEL', got '{','.join(fields)}'")
@@ -175,12 +177,16 @@ def read_class_file(path: Path) -> list[str] | None:
 
 
 def listed_rows(root: Path, files: dict[str, str], parse: Callable[[list[str]], tuple[str, str] | None], what: str,
-                classes: list[str] | None, separator: str | None = None) -> tuple[list[ClipRow], list[str]]:
+                classes: list[str] | None, separator: str | None = None,
+                dataset: str | None = None) -> tuple[list[ClipRow], list[str]]:
     """Rows of several split files whose lines ``parse`` turns into (clip, label) (None: a header).
-    Without a class list: integer labels 0..max, or the sorted label names."""
+    Without a class list: integer labels 0..max, or the sorted label names. ``dataset``: a list
+    missing from ``root`` is read from poise's shipped copy."""
     raw = []
     for split, file in files.items():
-        for number, fields in read_rows(root / file, f"{what} {split} list", separator):
+        name = f"{what} {split} list"
+        path = list_path(root, dataset, file, name) if dataset else root / file
+        for number, fields in read_rows(path, name, separator):
             origin = f"{file} line {number}"
             try:
                 parsed = parse(fields)
@@ -199,7 +205,8 @@ def listed_rows(root: Path, files: dict[str, str], parse: Callable[[list[str]], 
 
 def kinetics_sounds_rows(root: Path, options: KineticsSoundsOptions) -> tuple[list[ClipRow], list[str]]:
     return listed_rows(root, {"train": options.train_list, "test": options.test_list}, lambda f: (f[0], f[-1]),
-                       "Kinetics-Sounds", read_class_file(root / options.classes_file))
+                       "Kinetics-Sounds", read_class_file(list_path(root, "kinetics_sounds", options.classes_file)),
+                       dataset="kinetics_sounds")
 
 
 # ---- AVE --------------------------------------------------------------------------------------------
@@ -217,15 +224,43 @@ def _ave_fields(fields: list[str]) -> tuple[str, str] | None:
     return None if fields[1] == "VideoID" else (fields[1], fields[0])
 
 
-def ave_rows(root: Path, options: AveOptions) -> tuple[list[ClipRow], list[str]]:
+def _ave_files(root: Path, options: AveOptions) -> dict[str, str]:
     files = {"train": options.train_list, "test": options.test_list}
-    if options.val_list and (root / options.val_list).is_file():
+    if options.val_list and list_path(root, "ave", options.val_list).is_file():
         files["val"] = options.val_list
+    return files
+
+
+def ave_rows(root: Path, options: AveOptions) -> tuple[list[ClipRow], list[str]]:
+    """The rows of AVE's lists. A video id listed twice in one list (AVE lists 45 ids twice with
+    different categories) is kept once, with its last line, as the released loader keeps it."""
     classes = None
-    if (root / options.annotations).is_file():
-        lines = read_rows(root / options.annotations, "AVE annotations", separator="&")
+    annotations = list_path(root, "ave", options.annotations)
+    if annotations.is_file():
+        lines = read_rows(annotations, "AVE annotations", separator="&")
         classes = sorted({f[0] for _, f in lines if len(f) > 1 and f[1] != "VideoID"})
-    return listed_rows(root, files, _ave_fields, "AVE", classes, separator="&")
+    rows, classes = listed_rows(root, _ave_files(root, options), _ave_fields, "AVE", classes, separator="&", dataset="ave")
+    last = {(r.split, r.clip): r for r in rows}
+    return [r for r in rows if last[(r.split, r.clip)] is r], classes
+
+
+def ave_duplicates(root: Path, options: AveOptions) -> list[str]:
+    """One sentence per video id that AVE's lists give twice: within one list (the last line is
+    kept) and across lists (the clip stays in each, as released)."""
+    rows, classes = listed_rows(root, _ave_files(root, options), _ave_fields, "AVE", None, separator="&", dataset="ave")
+    by_clip: dict[str, list[ClipRow]] = {}
+    for r in rows:
+        by_clip.setdefault(r.clip, []).append(r)
+    out = []
+    for clip, listed in by_clip.items():
+        if len(listed) < 2:
+            continue
+        where = "; ".join(f"{r.origin} ({classes[r.label]})" for r in listed)
+        splits = sorted({r.split for r in listed}, key=("train", "val", "test").index)
+        kept = "; the last line of each list is kept" if len(splits) < len(listed) else ""
+        both = f"; it is in {' and '.join(splits)}" if len(splits) > 1 else ""
+        out.append(f"AVE video '{clip}' is listed {len(listed)} times: {where}{kept}{both}")
+    return out
 
 
 # ---- VGGSound ---------------------------------------------------------------------------------------
@@ -235,7 +270,7 @@ class VggSoundOptions(AudioVisualOptions):
 
 def vggsound_rows(root: Path, options: VggSoundOptions) -> tuple[list[ClipRow], list[str]]:
     raw = []
-    for number, fields in read_rows(root / options.csv, "VGGSound list"):
+    for number, fields in read_rows(list_path(root, "vggsound", options.csv, "VGGSound list"), "VGGSound list"):
         origin = f"{options.csv} line {number}"
         if len(fields) < 4 or fields[3] not in ("train", "test"):
             raise DataError(f"{origin}: expected 'youtube_id,start_seconds,label,train|test', got '{','.join(fields)}'")
@@ -252,18 +287,22 @@ class AudioVisualSet:
     name: str
     rows: Callable[[Path, AudioVisualOptions], tuple[list[ClipRow], list[str]]]
     features: AudioFeatures
+    duplicates: Callable[[Path, AudioVisualOptions], list[str]] | None = None  # clips listed twice, reported
 
     def build(self, arg: str | None, options: AudioVisualOptions, val_fraction: float, split_seed: int) -> DataSplits:
         root = dataset_folder(arg, self.name)
         rows, classes = self.rows(root, options)
-        return audio_visual_splits(self.name, root, rows, classes, options, self.features, val_fraction, split_seed)
+        splits = audio_visual_splits(self.name, root, rows, classes, options, self.features, val_fraction, split_seed)
+        if self.duplicates is not None and (found := self.duplicates(root, options)):
+            splits.notes["duplicates"] = found
+        return splits
 
 
 AUDIO_VISUAL_SETS = {
     s.name: s for s in (
         AudioVisualSet("cremad", cremad_rows, ClipSpectrogram()),
         AudioVisualSet("kinetics_sounds", kinetics_sounds_rows, NormalisedFbank()),
-        AudioVisualSet("ave", ave_rows, NormalisedFbank()),
+        AudioVisualSet("ave", ave_rows, NormalisedFbank(), ave_duplicates),
         AudioVisualSet("vggsound", vggsound_rows, CroppedSpectrogram()),
     )
 }
