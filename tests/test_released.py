@@ -269,3 +269,61 @@ def test_prepare_copies_the_shipped_list_when_the_raw_folder_has_none(tmp_path, 
     summary = prepare.run_prepare("cremad", raw, out, progress=False)
     assert summary["lists"] == {"train.csv": "shipped with poise", "test.csv": "raw folder"}
     assert (out / "train.csv").read_text() == (shipped / "cremad" / "train.csv").read_text()
+
+
+# ---- 3. the released (test-selected) protocol --------------------------------------------------------
+def test_val_fraction_zero_only_under_the_released_protocol():
+    from poise.errors import ConfigError
+
+    assert build_config({"data": {"protocol": "released"}}).data.val_fraction == 0
+    assert build_config({}).data.protocol == "poise" and build_config({}).data.val_fraction == 0.15
+    with pytest.raises(ConfigError, match="allowed only with data.protocol released"):
+        build_config({"data": {"val_fraction": 0}})
+    with pytest.raises(ConfigError, match="data.val_fraction must be 0 \\(it is 0.2\\)"):
+        build_config({"data": {"protocol": "released", "val_fraction": 0.2}})
+
+
+def _released_run(tmp_path, **data):
+    from conftest import fast_config
+
+    from poise.bench import run_bench
+
+    cfg = fast_config(data={"protocol": "released", **data}, trainer={"epochs": 3})
+    return run_bench("synthetic", ["joint"], [0], cfg, tmp_path / "bench", workers=1)
+
+
+def test_released_protocol_trains_on_all_of_train_and_reports_test_selected_apart(tmp_path):
+    from poise.bench import run_config
+    from poise.data.registry import load_dataset as load
+
+    results = _released_run(tmp_path)
+    run = results["runs"][0]
+    cfg = run_config("synthetic", {"data": {"protocol": "released"}})
+    splits = load("synthetic", {}, cfg.data)
+    assert len(splits.val) == 0 and len(splits.train) == len(load("synthetic", {}, DataConfig()).train) + len(
+        load("synthetic", {}, DataConfig()).val)
+    # poise's key holds the last epoch (nothing to select on); the test-selected number is apart
+    assert run["selection"] == "last epoch" and run["best_epoch"] == 2
+    per_epoch = [h["test_every_epoch"]["accuracy"] for h in run["history"]]
+    chosen = run["released_test_selected"]
+    assert chosen["selected_on"] == "test" and chosen["accuracy"] == max(per_epoch)
+    assert chosen["epoch"] == per_epoch.index(max(per_epoch))
+    assert run["test"]["accuracy"] == pytest.approx(per_epoch[-1])
+    from poise.eval.report import write_report
+
+    report = write_report(results, tmp_path / "bench").read_text()
+    assert "test-selected accuracy (released protocol)" in report and "selected on the test split" in report
+
+
+def test_poise_protocol_reports_no_test_selected_number(tmp_path):
+    from conftest import fast_config
+
+    from poise.bench import run_bench
+
+    results = run_bench("synthetic", ["joint"], [0], fast_config(), tmp_path / "bench", workers=1)
+    run = results["runs"][0]
+    assert run["released_test_selected"] is None and run["selection"] == "validation"
+    assert all("test_every_epoch" not in h for h in run["history"])
+    from poise.eval.report import write_report
+
+    assert "test-selected" not in write_report(results, tmp_path / "bench").read_text()
