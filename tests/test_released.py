@@ -327,3 +327,41 @@ def test_poise_protocol_reports_no_test_selected_number(tmp_path):
     from poise.eval.report import write_report
 
     assert "test-selected" not in write_report(results, tmp_path / "bench").read_text()
+
+
+# ---- 4. grouped validation ----------------------------------------------------------------------------
+def test_grouped_split_keeps_each_group_on_one_side():
+    from poise.data.base import grouped_split
+
+    groups = np.array([f"g{k:02d}" for k in range(8, 26) for _ in range(10)])  # 18 groups of 10
+    for seed in range(5):
+        keep, held = grouped_split(groups, 0.15, seed)
+        assert set(groups[keep]).isdisjoint(groups[held])
+        assert len(keep) + len(held) == len(groups) and len(held) == 30  # 27 wanted: 3 groups are closest
+    assert grouped_split(groups, 0.15, 0)[1].tolist() != grouped_split(groups, 0.15, 1)[1].tolist()
+    assert len(grouped_split(groups, 0.0, 0)[1]) == 0
+    with pytest.raises(Exception, match="at least two groups"):
+        grouped_split(np.array(["g01"] * 4), 0.5, 0)
+
+
+def test_ucf101_validation_holds_out_whole_groups(tmp_path):
+    root = tmp_path / "ucf"
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 Archery\n")
+    train = [f"v_{c}_g{g:02d}_c{k:02d}" for g in range(8, 14) for c in ("ApplyEyeMakeup", "Archery") for k in (1, 2)]
+    test = [f"v_{c}_g01_c01" for c in ("ApplyEyeMakeup", "Archery")]
+    for i, v in enumerate(train + test):
+        write_jpgs(root / "frames" / v, 3, size=(8, 8), seed=i)
+        write_jpgs(root / "flow" / "u" / v, 3, size=(8, 8), seed=i, mode="L", names="frame{:06d}.jpg")
+        write_jpgs(root / "flow" / "v" / v, 3, size=(8, 8), seed=i, mode="L", names="frame{:06d}.jpg")
+    cls = lambda v: v.split("_")[1]  # noqa: E731
+    (lists / "trainlist01.txt").write_text("".join(f"{cls(v)}/{v}.avi {1 + (cls(v) == 'Archery')}\n" for v in train))
+    (lists / "testlist01.txt").write_text("".join(f"{cls(v)}/{v}.avi\n" for v in test))
+    for seed in range(3):
+        splits = load_dataset(f"ucf101:{root}", {"image_size": 8}, DataConfig(val_fraction=0.3, split_seed=seed))
+        group = lambda ds: {ds.origins[r].split("_g")[1][:2] for r in ds.rows}  # noqa: E731
+        assert group(splits.train).isdisjoint(group(splits.val))
+        assert len(splits.val) == 8 and splits.notes["validation_groups"] == sorted(f"g{g}" for g in group(splits.val))
+    flat = load_dataset(f"ucf101:{root}", {"image_size": 8, "grouped_validation": False}, DataConfig(val_fraction=0.3))
+    assert "validation_groups" not in flat.notes

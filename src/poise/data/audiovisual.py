@@ -326,6 +326,9 @@ class Ucf101Options(MediaOptions):
     frame_window: int | None = Field(
         None, ge=1, description="only the first N RGB frame files take part (none: every frame; BalanceBenchmark: 6)"
     )
+    grouped_validation: bool = Field(
+        True, description="carve the validation share by whole gXX groups (same actors and scene), as the official splits do"
+    )
     flow_flip: Literal["joint", "independent"] = Field(
         "joint", description="joint: one flip for u and v with u negated (the mirrored video's flow); independent: "
         "u and v flipped each on its own, u not negated (BalanceBenchmark)"
@@ -371,4 +374,14 @@ def build_ucf101(arg: str | None, options: Ucf101Options, val_fraction: float, s
                            [root / options.flow_v_dir / r.clip for r in kept], flip=options.flow_flip),
     }
     return assemble_splits("ucf101", readers, np.array([r.label for r in kept]), [f"{r.origin} (video '{r.clip}')" for r in kept],
-                           _parts(kept), classes, val_fraction, split_seed, skipped)
+                           _parts(kept), classes, val_fraction, split_seed, skipped,
+                           groups=[ucf101_group(r.clip) for r in kept] if options.grouped_validation else None)
+
+
+def ucf101_group(video: str) -> str:
+    """The group of a UCF-101 video 'v_<Class>_gXX_cYY': gXX (the same actors and scene; the official
+    splits hold out groups 1-7 / 8-14 / 15-21 of every class at once)."""
+    match = re.search(r"_(g\d+)_c\d+$", video)
+    if match is None:
+        raise DataError(f"UCF-101 video name '{video}' has no group (expected v_<Class>_gXX_cYY)")
+    return match.group(1)

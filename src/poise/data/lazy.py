@@ -202,11 +202,11 @@ def resolve_problems(dataset: str, problems: list[str], on_missing: str) -> list
 
 def assemble_splits(name: str, readers: dict[str, SampleReader], labels: np.ndarray, origins: Sequence[str],
                     parts: dict[str, np.ndarray], classes: Sequence[str], val_fraction: float, split_seed: int,
-                    skipped: Sequence[str] = ()):
+                    skipped: Sequence[str] = (), groups: Sequence[str] | None = None):
     """DataSplits over one listing: ``parts`` gives the listing rows of train and test (and of val
-    when the dataset has an official one; otherwise val is carved from train, stratified, by
-    ``split_seed``)."""
-    from poise.data.base import DatasetInfo, DataSplits, stratified_split
+    when the dataset has an official one; otherwise val is carved from train by ``split_seed``:
+    stratified, or with ``groups`` (one name per listing row) whole groups at a time)."""
+    from poise.data.base import DatasetInfo, DataSplits, grouped_split, stratified_split
 
     labels = np.asarray(labels, dtype=np.int64)
     for split in ("train", "test"):
@@ -216,11 +216,16 @@ def assemble_splits(name: str, readers: dict[str, SampleReader], labels: np.ndar
     train_rows = np.asarray(parts["train"], dtype=np.int64)
     if "val" in parts and len(parts["val"]):
         val_rows = np.asarray(parts["val"], dtype=np.int64)
+    elif groups is not None:
+        keep, held = grouped_split(np.asarray(groups)[train_rows], val_fraction, split_seed)
+        train_rows, val_rows = train_rows[keep], train_rows[held]
     else:
         keep, held = stratified_split(labels[train_rows], (1 - val_fraction, val_fraction), split_seed)
         train_rows, val_rows = train_rows[keep], train_rows[held]
     info = DatasetInfo(name=name, modalities={m: r.spec for m, r in readers.items()}, num_classes=len(classes),
                        class_names=tuple(classes))
     notes: dict[str, object] = {"skipped": list(skipped)} if skipped else {}
+    if groups is not None and len(val_rows) and not ("val" in parts and len(parts["val"])):
+        notes["validation_groups"] = sorted({str(groups[i]) for i in val_rows})
     return DataSplits(info, full.subset(train_rows, train=True), full.subset(val_rows, train=False),
                       full.subset(np.asarray(parts["test"], dtype=np.int64), train=False), notes)
