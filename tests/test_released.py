@@ -365,3 +365,45 @@ def test_ucf101_validation_holds_out_whole_groups(tmp_path):
         assert len(splits.val) == 8 and splits.notes["validation_groups"] == sorted(f"g{g}" for g in group(splits.val))
     flat = load_dataset(f"ucf101:{root}", {"image_size": 8, "grouped_validation": False}, DataConfig(val_fraction=0.3))
     assert "validation_groups" not in flat.notes
+
+
+# ---- 5. IEMOCAP pickle pair order, MOSEI's zero ---------------------------------------------------------
+def test_iemocap_pickle_pair_order_is_detected(tmp_path):
+    import pickle
+
+    from media_files import write_feature_pickle
+
+    path = tmp_path / "iemocap_data.pkl"
+    write_feature_pickle(path, {"train": 8, "valid": 4, "test": 4}, labels="iemocap")  # (negative, positive) pairs
+    with open(path, "rb") as f:
+        raw = pickle.load(f)
+    expected = load_dataset(f"iemocap:{path}", {}, DataConfig()).train.labels.tolist()
+    assert expected == [0, 1, 2, 3, 0, 1, 2, 3]
+    for part in raw.values():
+        part["labels"] = part["labels"][:, :, ::-1].copy()  # (positive, negative) pairs
+    with open(path, "wb") as f:
+        pickle.dump(raw, f)
+    assert load_dataset(f"iemocap:{path}", {}, DataConfig()).train.labels.tolist() == expected
+    stated = load_dataset(f"iemocap:{path}", {"pair_order": "positive_negative"}, DataConfig())
+    assert stated.train.labels.tolist() == expected
+    with pytest.raises(Exception, match="sample 0 has 3 positive emotions"):
+        load_dataset(f"iemocap:{path}", {"pair_order": "negative_positive"}, DataConfig())
+
+
+def test_mosei_zero_score_counts_as_positive_or_negative(tmp_path):
+    import pickle
+
+    from media_files import write_feature_pickle
+
+    path = tmp_path / "mosei.pkl"
+    write_feature_pickle(path, {"train": 4, "valid": 4, "test": 4})
+    with open(path, "rb") as f:
+        raw = pickle.load(f)
+    for part in raw.values():
+        part["labels"] = np.array([-1.5, 0.0, 0.0, 2.0], np.float32).reshape(4, 1, 1)
+    with open(path, "wb") as f:
+        pickle.dump(raw, f)
+    balance = load_dataset(f"mosei:{path}", {}, DataConfig())
+    assert balance.test.labels.tolist() == [0, 1, 1, 1] and balance.info.class_names == ("negative", "non-negative")
+    mult = load_dataset(f"mosei:{path}", {"zero_is": "negative"}, DataConfig())
+    assert mult.test.labels.tolist() == [0, 0, 0, 1] and mult.info.class_names == ("non-positive", "positive")
