@@ -434,7 +434,7 @@ def test_food101_and_mvsa_with_a_local_hugging_face_tokenizer(tmp_path):
     (mvsa / "labelResultAll.txt").write_text("\n".join(lines) + "\n")
     vocab = save_word_tokenizer(tmp_path / "padded", ["good", "bad", "day"], pad_id=2)
     assert vocab["[PAD]"] == 2 and vocab["[UNK]"] == 0
-    random = {"split": "random", "label_rule": "neutral_yields"}
+    random = {"split": "random", "label_rule": "neutral_yields", "special_tokens": True}
     splits = load_dataset(f"mvsa:{mvsa}", {**SMALL, **random, "max_length": 6, "tokenizer": str(tmp_path / "padded")},
                           DataConfig(val_fraction=0.2))
     items = [splits.train[i] for i in range(len(splits.train))]

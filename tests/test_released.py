@@ -407,3 +407,60 @@ def test_mosei_zero_score_counts_as_positive_or_negative(tmp_path):
     assert balance.test.labels.tolist() == [0, 1, 1, 1] and balance.info.class_names == ("negative", "non-negative")
     mult = load_dataset(f"mosei:{path}", {"zero_is": "negative"}, DataConfig())
     assert mult.test.labels.tolist() == [0, 0, 0, 1] and mult.info.class_names == ("non-positive", "positive")
+
+
+# ---- 6. text and images as released -------------------------------------------------------------------
+def test_mvsa_with_a_tokenizer_follows_mla_and_food101_balancebenchmark(tmp_path):
+    import json
+
+    pytest.importorskip("transformers")
+    from test_datasets_real import save_word_tokenizer, write_food101
+
+    root = tmp_path / "mvsa"
+    pairs = write_mvsa(root)
+    agreeing = [str(i) for i, p in enumerate(pairs, start=1) if p.split(",")[0] == p.split(",")[1]]
+    for name, ids in {"train.jsonl": agreeing[:5], "dev.jsonl": agreeing[5:7], "test.jsonl": agreeing[7:]}.items():
+        (root / name).write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
+    vocab = save_word_tokenizer(tmp_path / "bert", ["post", "1", "4"])
+    splits = load_dataset(f"mvsa:{root}", {**SMALL, "tokenizer": str(tmp_path / "bert")}, DataConfig())
+    assert splits.info.modalities["text"].shape == (256,)
+    first = splits.test[0][0]["text"]  # "post 20" (20: unknown), no [CLS] / [SEP]
+    assert first[:3].tolist() == [vocab["post"], vocab["[UNK]"], 0] and int(first.abs().sum()) == vocab["post"] + vocab["[UNK]"]
+    with_special = load_dataset(f"mvsa:{root}", {**SMALL, "tokenizer": str(tmp_path / "bert"), "special_tokens": True,
+                                                 "max_length": 5}, DataConfig())
+    assert with_special.test[0][0]["text"].tolist() == [vocab["[CLS]"], vocab["post"], vocab["[UNK]"], vocab["[SEP]"], 0]
+    words = load_dataset(f"mvsa:{root}", SMALL, DataConfig())
+    assert words.info.modalities["text"].shape == (40,)  # the word vocabulary keeps 40
+    food = tmp_path / "food"
+    write_food101(food)
+    splits = load_dataset(f"food101:{food}", {**SMALL, "tokenizer": str(tmp_path / "bert")}, DataConfig())
+    text = splits.test[0][0]["text"]
+    assert text.shape == (40,) and text[0] == vocab["[CLS]"]
+
+
+def test_crop_jitter_transform_matches_torchvision_geometry_and_enhance():
+    from PIL import Image, ImageEnhance
+
+    from poise.data.imagetext import CropJitterTransform
+    from poise.data.media import random_resized_crop_box
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    t = CropJitterTransform(16)
+    # evaluation: shorter side to 16 (bicubic): 16 x 27, then the centre 16 x 16 (left 6 as torchvision rounds)
+    expected = image.resize((27, 16), Image.Resampling.BICUBIC).crop((6, 0, 22, 16))
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    reference = (np.asarray(expected, np.float32) / 255 - mean) / std
+    np.testing.assert_allclose(t(image, None), reference.transpose(2, 0, 1), atol=1e-5)
+    # training: the same draws, done by hand in the documented order
+    out = t(image, np.random.default_rng(7))
+    draw = np.random.default_rng(7)
+    left, top, w, h = random_resized_crop_box(50, 30, draw)
+    manual = image.resize((16, 16), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+    if draw.random() < 0.5:
+        manual = manual.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for k in draw.permutation(3):
+        manual = enhancers[k](manual).enhance(float(draw.uniform(0.0, 2.0)))
+    reference = (np.asarray(manual, np.float32) / 255 - mean) / std
+    np.testing.assert_allclose(out, reference.transpose(2, 0, 1), atol=1e-5)

@@ -1,10 +1,12 @@
 """Image + text datasets: UPMC Food-101 and MVSA-Single.
 
 Texts become token ids (T,) with 0 for padding: by default through a word-level vocabulary built
-from the training texts (lower-cased words, ids by frequency, 1 for unknown words); with
-``tokenizer: DIR``, through a Hugging Face tokenizer saved in a local folder (the released code
-uses BERT's, ``max_length`` 40; needs the ``transformers`` package, the ``text`` extra, imported
-only then; nothing is downloaded: the folder is what ``save_pretrained`` writes).
+from the training texts (lower-cased words, ids by frequency, 1 for unknown words; 40 ids; not the
+released setting); with ``tokenizer: DIR``, through a Hugging Face tokenizer saved in a local folder,
+as each dataset's released code calls BERT's: Food-101 (BalanceBenchmark) 40 ids with the special
+tokens, MVSA-Single (MLA) 256 ids without them (``max_length`` and ``special_tokens`` override);
+needs the ``transformers`` package, the ``text`` extra, imported only then; nothing is downloaded:
+the folder is what ``save_pretrained`` writes.
 Texts are tokenised once when the dataset is built (cheap); images are read lazily.
 """
 
@@ -14,8 +16,9 @@ import csv
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -23,7 +26,7 @@ from pydantic import Field
 from poise.data.audiovisual import MediaOptions, class_index, dataset_folder
 from poise.data.base import DataSplits, ModalitySpec, stratified_split
 from poise.data.lazy import ArrayReader, ImageReader, assemble_splits, resolve_problems
-from poise.data.media import ImageTransform
+from poise.data.media import ImageTransform, random_resized_crop_box
 from poise.data.splitlists import list_path
 from poise.errors import DataError
 
@@ -32,8 +35,24 @@ WORD = re.compile(r"[a-z0-9']+")
 
 
 class TextOptions(MediaOptions):
-    max_length: int = Field(40, ge=1, description="tokens per text (padded with 0 or cut)")
+    max_length: int | None = Field(
+        None, ge=1, description="tokens per text, padded with 0 or cut (none: 40, or with a tokenizer the dataset's released length)"
+    )
     tokenizer: str | None = Field(None, description="folder of a saved Hugging Face tokenizer (default: a word vocabulary)")
+    special_tokens: bool | None = Field(
+        None, description="with a tokenizer: add its special tokens ([CLS] ... [SEP]) (none: as the dataset's released code)"
+    )
+
+    #: the released tokenisation with a (BERT) tokenizer: length and special tokens
+    released_text: ClassVar[tuple[int, bool]] = (40, True)
+
+    def text_length(self) -> int:
+        if self.max_length is not None:
+            return self.max_length
+        return self.released_text[0] if self.tokenizer else 40
+
+    def add_special_tokens(self) -> bool:
+        return self.released_text[1] if self.special_tokens is None else self.special_tokens
     min_count: int = Field(1, ge=1, description="word vocabulary: words seen fewer times in training are unknown")
     max_vocab: int = Field(30000, ge=2, description="word vocabulary: at most this many ids (with padding and unknown)")
 
@@ -51,7 +70,7 @@ def word_vocabulary(texts: Sequence[str], min_count: int, max_vocab: int) -> dic
     return {w: i + 2 for i, w in enumerate(words[: max_vocab - 2])}
 
 
-def hugging_face_ids(texts: Sequence[str], folder: str, max_length: int) -> tuple[np.ndarray, int]:
+def hugging_face_ids(texts: Sequence[str], folder: str, max_length: int, special_tokens: bool = True) -> tuple[np.ndarray, int]:
     """Token ids from a Hugging Face tokenizer saved in ``folder`` (``save_pretrained``; never
     downloaded), padded or cut to ``max_length`` with its special tokens, as the released code
     calls BERT's. The encoders take id 0 as padding, so when the tokenizer pads with another id
@@ -69,7 +88,8 @@ def hugging_face_ids(texts: Sequence[str], folder: str, max_length: int) -> tupl
         raise DataError(f"tokenizer folder '{folder}' cannot be loaded: {first}") from None
     if tokenizer.pad_token_id is None:
         raise DataError(f"the tokenizer in '{folder}' has no padding token (its pad_token is not set)")
-    encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length)["input_ids"]
+    encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                        add_special_tokens=special_tokens)["input_ids"]
     ids = np.asarray(encoded, dtype=np.int64).reshape(len(texts), max_length)
     pad = int(tokenizer.pad_token_id)
     if pad != PAD:
@@ -82,13 +102,50 @@ def hugging_face_ids(texts: Sequence[str], folder: str, max_length: int) -> tupl
 def tokenize_texts(texts: Sequence[str], train_rows: np.ndarray, options: TextOptions) -> tuple[np.ndarray, int]:
     """(N, max_length) int64 ids and the vocabulary size."""
     if options.tokenizer:
-        return hugging_face_ids(texts, options.tokenizer, options.max_length)
-    ids = np.zeros((len(texts), options.max_length), dtype=np.int64)
+        return hugging_face_ids(texts, options.tokenizer, options.text_length(), options.add_special_tokens())
+    ids = np.zeros((len(texts), options.text_length()), dtype=np.int64)
     vocab = word_vocabulary([texts[i] for i in train_rows], options.min_count, options.max_vocab)
     for i, text in enumerate(texts):
-        words = [vocab.get(w, UNKNOWN) for w in WORD.findall(text.lower())][: options.max_length]
+        words = [vocab.get(w, UNKNOWN) for w in WORD.findall(text.lower())][: options.text_length()]
         ids[i, : len(words)] = words
     return ids, len(vocab) + 2
+
+
+@dataclass(frozen=True)
+class CropJitterTransform:
+    """MLA's MVSA-Single images (timm's ``create_transform(256, is_training=True, color_jitter=True)``):
+    training: RandomResizedCrop(size, bicubic) + horizontal flip + ColorJitter(1.0, 1.0, 1.0) (brightness,
+    contrast and saturation factors drawn in [0, 2], applied in random order, as torchvision does
+    through PIL's ImageEnhance); evaluation: the shorter side resized to ``size`` (bicubic), then a
+    centre crop. Then ImageNet normalisation, (3, size, size) float32."""
+
+    size: int = 256
+    jitter: float = 1.0
+
+    def __call__(self, image, rng: np.random.Generator | None) -> np.ndarray:
+        from PIL import Image, ImageEnhance
+
+        bicubic = Image.Resampling.BICUBIC
+        if rng is None:
+            scale = self.size / min(image.size)
+            w, h = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
+            image = image.resize((w, h), bicubic)
+            left, top = int(round((w - self.size) / 2.0)), int(round((h - self.size) / 2.0))
+            image = image.crop((left, top, left + self.size, top + self.size))
+        else:
+            left, top, w, h = random_resized_crop_box(image.width, image.height, rng)
+            image = image.resize((self.size, self.size), bicubic, box=(left, top, left + w, top + h))
+            if rng.random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+            for k in rng.permutation(3):
+                factor = float(rng.uniform(max(0.0, 1 - self.jitter), 1 + self.jitter))
+                image = enhancers[k](image).enhance(factor)
+        return ImageTransform(self.size, "none")(image, None)
+
+
+def image_transform(size: int, augment: str):
+    return CropJitterTransform(size) if augment == "crop_jitter" else ImageTransform(size, augment)
 
 
 def image_text_splits(name: str, images: list[Path], texts: list[str], labels: np.ndarray, origins: list[str],
@@ -100,8 +157,8 @@ def image_text_splits(name: str, images: list[Path], texts: list[str], labels: n
         parts = {**parts, "train": train[keep], "val": train[held]}
     ids, vocab_size = tokenize_texts(texts, parts["train"], options)
     readers = {
-        "visual": ImageReader(images, ImageTransform(options.image_size, options.augment)),
-        "text": ArrayReader(ids, ModalitySpec("tokens", (options.max_length,), vocab_size)),
+        "visual": ImageReader(images, image_transform(options.image_size, options.augment)),
+        "text": ArrayReader(ids, ModalitySpec("tokens", (options.text_length(),), vocab_size)),
     }
     return assemble_splits(name, readers, labels, origins, parts, classes, val_fraction, split_seed, skipped)
 
@@ -187,9 +244,12 @@ class MvsaOptions(TextOptions):
     dev_list: str = Field("dev.jsonl", description="released validation list, same format")
     test_list: str = Field("test.jsonl", description="released test list, same format")
     test_fraction: float = Field(0.1, gt=0, lt=1, description="split random: share held out for test, stratified")
-    augment: Literal["rotate_resize_flip", "random_resized_crop", "resize_flip", "none"] = Field(
-        "random_resized_crop", description="training image augmentation"
+    augment: Literal["rotate_resize_flip", "random_resized_crop", "resize_flip", "crop_jitter", "none"] = Field(
+        "random_resized_crop", description="training image augmentation; crop_jitter (with image_size 256): MLA's bicubic "
+        "RandomResizedCrop + flip + colour jitter 1.0, test Resize + CenterCrop"
     )
+
+    released_text: ClassVar[tuple[int, bool]] = (256, False)  # MLA: BERT ids, 256, no special tokens
 
 
 def mvsa_label(text_label: str, image_label: str, rule: str = "neutral_yields") -> str | None:
