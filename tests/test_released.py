@@ -36,6 +36,7 @@ def test_named_frame_choices_pick_the_released_frames():
     # poise's default: the middles at test (2, 5, 8 counted from 1)
     assert frame_indices(10, 3, "segments", None) == [1, 4, 7]
     assert frame_indices(10, 3, "first", np.random.default_rng(0)) == [0, 1, 2]
+    assert frame_indices(10, 1, "middles", np.random.default_rng(0)) == frame_indices(10, 1, "middles", None) == [5]
     # BalanceBenchmark's UCF-101 RGB: the first six files only; 1, 3, 5 at test, one of 1-2, 3-4, 5-6 in training
     assert frame_indices(40, 3, "segments_then_starts", None, window=6) == [0, 2, 4]
     drawn = {k for s in range(40) for k in frame_indices(40, 3, "segments_then_starts", np.random.default_rng(s), window=6)}
@@ -464,3 +465,54 @@ def test_crop_jitter_transform_matches_torchvision_geometry_and_enhance():
         manual = enhancers[k](manual).enhance(float(draw.uniform(0.0, 2.0)))
     reference = (np.asarray(manual, np.float32) / 255 - mean) / std
     np.testing.assert_allclose(out, reference.transpose(2, 0, 1), atol=1e-5)
+
+
+# ---- 5. IEMOCAP as MLA uses it ----------------------------------------------------------------------------
+def write_iemocap_mla(root, tokens=True):
+    """MLA's prepared IEMOCAP folder: lists, stat_iemo.txt, visual/<split>_imgs/<utt>/, audio fbank, BERT ids."""
+    labels = ["Neutral", "Angry", "Sad", "Happy"]
+    sessions = {"train": ["Ses01", "Ses02", "Ses03", "Ses04"], "test": ["Ses05"]}
+    (root).mkdir(parents=True)
+    (root / "stat_iemo.txt").write_text("\n".join(labels))
+    for split, names in sessions.items():
+        lines = []
+        for s in names:
+            for k in range(4):
+                utt = f"{s}F_impro0{k}_F00{k}"
+                lines.append(f"{utt}.mp4 [split|sign] words of {utt} [split|sign] {labels[k]}")
+                write_jpgs(root / "visual" / f"{split}_imgs" / utt, 3, size=(20, 20), seed=k)
+                (root / "audio" / f"{split}_fbank").mkdir(parents=True, exist_ok=True)
+                np.save(root / "audio" / f"{split}_fbank" / f"{utt}.npy", np.full((12, 8), k, np.float32))
+                if tokens:
+                    (root / "text_token" / f"{split}_token").mkdir(parents=True, exist_ok=True)
+                    np.save(root / "text_token" / f"{split}_token" / f"{utt}_token.npy", np.array([[101 + k, 7, 0, 0]]))
+        (root / f"my_{split}_iemo.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_iemocap_mla_layout_with_sessions_kept_apart(tmp_path):
+    root = tmp_path / "iemo"
+    write_iemocap_mla(root)
+    splits = load_dataset(f"iemocap_mla:{root}", {"image_size": 16}, DataConfig(val_fraction=0.25))
+    assert splits.info.class_names == ("Angry", "Happy", "Neutral", "Sad")
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 4, 4)
+    assert len(splits.notes["validation_groups"]) == 1  # one whole session
+    inputs, label, _, _ = splits.test[1]
+    assert inputs["audio"].shape == (1, 12, 8) and float(inputs["audio"][0, 0, 0]) == 1.0  # utterance 1: Angry
+    assert label == 0 and inputs["text"].tolist() == [102, 7, 0, 0]
+    assert inputs["visual"].shape == (1, 3, 16, 16)
+    assert splits.info.modalities["text"].kind == "tokens"
+
+
+def test_iemocap_mla_reads_the_middle_frame(tmp_path):
+    from poise.data.iemocap_mla import session
+
+    root = tmp_path / "iemo"
+    write_iemocap_mla(root, tokens=False)
+    splits = load_dataset(f"iemocap_mla:{root}", {"image_size": 16}, DataConfig(val_fraction=0.25))
+    reader = splits.train.readers["visual"]
+    assert [p.name for p in reader.frame_paths(0, np.random.default_rng(0))] == ["00002.jpg"]  # of 3 frames
+    assert splits.info.modalities["text"].shape == (40,)  # transcripts through the word vocabulary
+    assert session("Ses03M_script01_3_F015") == "Ses03"
+    (root / "my_test_iemo.txt").write_text("Ses05F_impro00_F000.mp4 [split|sign] hi [split|sign] Excited\n")
+    with pytest.raises(Exception, match="my_test_iemo.txt line 1: label 'Excited' is not in the class list"):
+        load_dataset(f"iemocap_mla:{root}", {"image_size": 16}, DataConfig())

@@ -5,7 +5,8 @@
 ``segments``              poise's default: the list cut into ``count`` equal segments, a random frame
                           of each in training, the middle of each at evaluation.
 ``segment_starts``        the first frame of each segment, train and test (OGM-GE's Kinetics-Sounds
-                          and AVE: frames 1, 4, 7 of 10).
+                          and AVE: frames 1, 4, 7 of 10; MLA's CREMA-D, 3 frames).
+``middles``               the middle of each segment, train and test (MLA's IEMOCAP: the middle frame).
 ``segments_then_starts``  a random frame of each segment in training, the first of each at evaluation
                           (BalanceBenchmark's Kinetics-Sounds, AVE, CREMA-D and UCF-101).
 
@@ -21,8 +22,8 @@ import numpy as np
 
 from poise.data.media import sample_frame_indices
 
-FrameChoice = Literal["first", "segments", "segment_starts", "segments_then_starts"]
-FRAME_CHOICES: tuple[str, ...] = ("first", "segments", "segment_starts", "segments_then_starts")
+FrameChoice = Literal["first", "segments", "segment_starts", "segments_then_starts", "middles"]
+FRAME_CHOICES: tuple[str, ...] = ("first", "segments", "segment_starts", "segments_then_starts", "middles")
 
 
 def frame_indices(available: int, count: int, choice: str, rng: np.random.Generator | None,
@@ -33,6 +34,8 @@ def frame_indices(available: int, count: int, choice: str, rng: np.random.Genera
     if choice in ("first", "segments"):
         return sample_frame_indices(available, count, choice, rng)
     segment = available // count
+    if choice == "middles":
+        return sample_frame_indices(available, count, "segments", None)
     if choice == "segment_starts" or rng is None:
         return [i * segment for i in range(count)]
     if choice == "segments_then_starts":

@@ -169,6 +169,24 @@ class FlowReader(SampleReader):
         return np.stack(out)
 
 
+class ArrayFileReader(SampleReader):
+    """One saved array per record (``.npy``, e.g. a filter-bank computed by a paper's own scripts),
+    all of ``shape``; ``kind`` is the modality's kind (spectrogram: a channel axis is added)."""
+
+    def __init__(self, paths: Sequence[Path], shape: tuple[int, ...], kind: str = "spectrogram"):
+        self.paths, self.shape, self.kind = list(paths), tuple(shape), kind
+        self.spec = ModalitySpec(kind, (1, *self.shape) if kind == "spectrogram" else self.shape)
+
+    def read(self, record, rng):
+        path = self.paths[record]
+        try:
+            x = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"array file '{path}' cannot be read: {e}") from None
+        x = _check_shape(x, self.shape, path).astype(np.float32, copy=False)
+        return x[None] if self.kind == "spectrogram" else x
+
+
 class ImageReader(SampleReader):
     """One image file per record: (C, S, S)."""
 
