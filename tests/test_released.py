@@ -516,3 +516,30 @@ def test_iemocap_mla_reads_the_middle_frame(tmp_path):
     (root / "my_test_iemo.txt").write_text("Ses05F_impro00_F000.mp4 [split|sign] hi [split|sign] Excited\n")
     with pytest.raises(Exception, match="my_test_iemo.txt line 1: label 'Excited' is not in the class list"):
         load_dataset(f"iemocap_mla:{root}", {"image_size": 16}, DataConfig())
+
+
+def test_binary_tasks_match_a_hand_count():
+    from poise.eval.metrics import binary_tasks
+
+    labels = torch.tensor([0, 0, 1, 2, 3, 3])
+    predicted = torch.tensor([0, 1, 1, 2, 3, 0])
+    out = binary_tasks(predicted, labels, ["neutral", "happy", "sad", "angry"])
+    # neutral: truth [1,1,0,0,0,0], guess [1,0,0,0,0,1]: 4 of 6 right; F1(yes) = 2*1/(2+2) = 0.5 (support 2),
+    # F1(no) = 2*3/(4+4) = 0.75 (support 4): weighted (0.5*2 + 0.75*4) / 6
+    assert out["neutral"]["accuracy"] == pytest.approx(4 / 6)
+    assert out["neutral"]["f1"] == pytest.approx((0.5 * 2 + 0.75 * 4) / 6)
+    assert out["sad"] == {"accuracy": 1.0, "f1": 1.0}
+
+
+def test_iemocap_pickle_reports_mult_binary_tasks(tmp_path):
+    from conftest import fast_config
+    from media_files import write_feature_pickle
+
+    from poise.bench import run_bench
+
+    path = tmp_path / "iemocap_data.pkl"
+    write_feature_pickle(path, {"train": 16, "valid": 8, "test": 8}, labels="iemocap")
+    cfg = fast_config(dataset={"evaluation": "binary_tasks"}, trainer={"epochs": 1, "batch_size": 8})
+    run = run_bench(f"iemocap:{path}", ["joint"], [0], cfg, tmp_path / "bench", workers=1)["runs"][0]
+    tasks = run["test"]["binary_tasks"]
+    assert set(tasks) == {"neutral", "happy", "sad", "angry"} and all(0 <= t["accuracy"] <= 1 for t in tasks.values())

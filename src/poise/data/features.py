@@ -51,6 +51,10 @@ class IemocapOptions(FeatureOptions):
         "detect", description="order of each emotion's flag pair in (N, 4, 2) labels; detect: the order in which every "
         "sample has exactly one emotion"
     )
+    evaluation: Literal["four_class", "binary_tasks"] = Field(
+        "four_class", description="four_class: one 4-class accuracy; binary_tasks: also MulT's evaluation, each emotion "
+        "a binary task (accuracy and weighted F1, under test.binary_tasks)"
+    )
 
 
 def load_feature_pickle(arg: str | None, name: str, file: str) -> tuple[Path, dict]:
@@ -143,4 +147,7 @@ def build_iemocap(arg: str | None, options: IemocapOptions, val_fraction: float,
             raise DataError(f"{where}: sample {row} has {int(counts[row])} positive emotions, exactly one expected")
         return positive.argmax(axis=1).astype(np.int64)
 
-    return feature_splits("iemocap", path, data, options, labels_of, IEMOCAP_CLASSES)
+    splits = feature_splits("iemocap", path, data, options, labels_of, IEMOCAP_CLASSES)
+    if options.evaluation == "binary_tasks":
+        splits.notes["evaluation"] = "binary_tasks"
+    return splits

@@ -398,6 +398,8 @@ class Trainer:
                          "config": self.config.model_dump(), "seed": self.seed}, self.out_dir / "best.pt")
         test = evaluate_split(model, method, test_loader, self.splits.info.num_classes, self.device)
         test.pop("loss")
+        if self.splits.notes.get("evaluation") == "binary_tasks":  # MulT's IEMOCAP: one binary task per emotion
+            test["binary_tasks"] = self._binary_tasks(model, method, test_loader)
         probe: dict[str, float] = {}
         if t.probe:
             # rank 0 alone, over all of the data: the probe is a deterministic scikit-learn fit
@@ -410,6 +412,16 @@ class Trainer:
         return RunResult(self.method_name, self.seed, self.config.model_dump(), best["epoch"], train_seconds, test,
                          self.history, "validation" if has_val else "last epoch",
                          test_selected(self.history) if released else None)
+
+    def _binary_tasks(self, model, method, loader) -> dict[str, dict[str, float]]:
+        from poise.eval.metrics import binary_tasks, predict_batches
+        from poise.train.distributed import gather_strided
+
+        batches = predict_batches(model, method, loader, self.device)
+        if is_distributed():
+            batches = gather_strided(batches)
+        logits, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        return binary_tasks(logits.argmax(1).cpu(), labels.cpu(), list(self.splits.info.class_names))
 
     def _train_epoch(self, epoch: int, loader, stats: EpochStats) -> dict[str, Any]:
         model, method, ctx, engine = self.model, self.method, self.ctx, self.engine
