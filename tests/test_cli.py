@@ -80,7 +80,9 @@ def test_bench_results_schema_report_and_plots(tmp_path):
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [
         ("joint", 0), ("joint", 1), ("unimodal:audio", 0), ("unimodal:audio", 1), ("unimodal:visual", 0), ("unimodal:visual", 1)]
     for run in results["runs"]:
-        assert set(run) == {"method", "seed", "config", "best_epoch", "train_seconds", "test", "history"}
+        assert set(run) == {"method", "seed", "config", "best_epoch", "train_seconds", "test", "history", "selection",
+                            "released_test_selected"}
+        assert run["selection"] == "validation" and run["released_test_selected"] is None
         assert set(run["test"]) == {"accuracy", "macro_f1", "unimodal_accuracy", "probe_accuracy"}
         assert isinstance(run["best_epoch"], int) and run["train_seconds"] > 0
         assert run["config"]["trainer"]["epochs"] == 2

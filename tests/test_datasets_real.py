@@ -434,13 +434,14 @@ def test_food101_and_mvsa_with_a_local_hugging_face_tokenizer(tmp_path):
     (mvsa / "labelResultAll.txt").write_text("\n".join(lines) + "\n")
     vocab = save_word_tokenizer(tmp_path / "padded", ["good", "bad", "day"], pad_id=2)
     assert vocab["[PAD]"] == 2 and vocab["[UNK]"] == 0
-    splits = load_dataset(f"mvsa:{mvsa}", {**SMALL, "max_length": 6, "tokenizer": str(tmp_path / "padded")},
+    random = {"split": "random", "label_rule": "neutral_yields", "special_tokens": True}
+    splits = load_dataset(f"mvsa:{mvsa}", {**SMALL, **random, "max_length": 6, "tokenizer": str(tmp_path / "padded")},
                           DataConfig(val_fraction=0.2))
     items = [splits.train[i] for i in range(len(splits.train))]
     good = next(x[0]["text"] for x in items if x[1] == 2)
     assert good.tolist() == [vocab["[CLS]"], vocab["good"], 2, vocab["day"], vocab["[SEP]"], 0]
     with pytest.raises(DataError, match="tokenizer folder .* cannot be loaded"):
-        load_dataset(f"mvsa:{mvsa}", {**SMALL, "tokenizer": str(tmp_path)}, DataConfig())
+        load_dataset(f"mvsa:{mvsa}", {**SMALL, **random, "tokenizer": str(tmp_path)}, DataConfig())
 
 
 def test_mvsa_label_rule_and_listed_conflicts(tmp_path):
@@ -453,7 +454,8 @@ def test_mvsa_label_rule_and_listed_conflicts(tmp_path):
         (root / "data" / f"{i}.txt").write_bytes(f"post number {i} caf\xe9".encode("latin-1"))
         lines.append(f"{i}\t{pair}")
     (root / "labelResultAll.txt").write_text("\n".join(lines) + "\n")
-    splits = load_dataset(f"mvsa:{root}", {**SMALL, "test_fraction": 0.2}, DataConfig(val_fraction=0.2))
+    splits = load_dataset(f"mvsa:{root}", {**SMALL, "test_fraction": 0.2, "split": "random", "label_rule": "neutral_yields"},
+                          DataConfig(val_fraction=0.2))
     assert len(splits.train) + len(splits.val) + len(splits.test) == 15
     assert len(splits.notes["skipped"]) == 3 and "text label 'positive' and image label 'negative'" in splits.notes["skipped"][0]
     counts = np.bincount(np.concatenate([s.labels.numpy() for s in (splits.train, splits.val, splits.test)]), minlength=3)

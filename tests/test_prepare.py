@@ -270,5 +270,6 @@ def test_prepare_food101_and_mvsa_shrink_images_and_keep_the_layout(tmp_path):
     with Image.open(out / "data" / "1.jpg") as im:
         assert im.size == (256, 427)
     assert (out / "data" / "1.txt").read_text() == "post 1" and not (out / "data" / "4.jpg").exists()
-    splits = load_dataset(f"mvsa:{out}", {"image_size": 32, "on_missing": "skip", "test_fraction": 0.2}, DataConfig(val_fraction=0.25))
+    splits = load_dataset(f"mvsa:{out}", {"image_size": 32, "on_missing": "skip", "test_fraction": 0.2, "split": "random",
+                                             "label_rule": "neutral_yields"}, DataConfig(val_fraction=0.25))
     assert len(splits.train) + len(splits.val) + len(splits.test) == 5

@@ -6,7 +6,12 @@
      "runs": [{"method": str,            # registered name, "unimodal:<modality>" for the baseline
                "seed": int,
                "config": {...},          # the full validated run configuration
-               "best_epoch": int,        # chosen on the validation split
+               "best_epoch": int,        # chosen on the validation split ("selection": "validation"),
+                                         # or the last epoch where there is none ("last epoch")
+               "selection": str,
+               "released_test_selected": None or   # data.protocol released only: TEST-SELECTED, the
+                   {"accuracy", "macro_f1", "unimodal_accuracy", "epoch", "selected_on": "test"},
+                                         # epoch of best test accuracy as the papers' code picks it
                "train_seconds": float,
                "test": {"accuracy": float, "macro_f1": float,
                         "unimodal_accuracy": {modality: float},
@@ -328,8 +333,10 @@ def _as_completed(futures):
 
 def _line(run: dict) -> str:
     probe = " ".join(f"{m}={v:.3f}" for m, v in run["test"]["probe_accuracy"].items())
+    released = run.get("released_test_selected")
+    marked = f"  test-selected acc {released['accuracy']:.4f} (released protocol)" if released else ""
     return (f"{run['method']:<22} seed {run['seed']}: acc {run['test']['accuracy']:.4f}  probe {probe}  "
-            f"({run['train_seconds']:.1f}s, best epoch {run['best_epoch']})")
+            f"({run['train_seconds']:.1f}s, best epoch {run['best_epoch']}){marked}")
 
 
 def default_workers() -> int:

@@ -174,8 +174,13 @@ def cmd_train(args) -> int:
         shutdown()
     atomic_write_text(json.dumps({"dataset": dataset, **run}, indent=1), out / "result.json")
     t = run["test"]
+    chosen = "best epoch" if run.get("selection", "validation") == "validation" else "last epoch (no validation split)"
     print(f"{method} seed {seed}: test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}, "
-          f"best epoch {run['best_epoch']}")
+          f"{chosen} {run['best_epoch']}")
+    if run.get("released_test_selected"):
+        r = run["released_test_selected"]
+        print(f"  released protocol, TEST-SELECTED (epoch {r['epoch']} by test accuracy, as the papers' code): "
+              f"accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}")
     for m in t["unimodal_accuracy"]:
         probe = t["probe_accuracy"].get(m)
         print(f"  {m}: head {t['unimodal_accuracy'][m]:.4f}" + (f", probe {probe:.4f}" if probe is not None else ""))
@@ -222,7 +227,7 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     from poise.bench import expand_methods, run_bench, splits_for
-    from poise.eval.report import summary_table, write_report
+    from poise.eval.report import TEST_SELECTED_NOTE, has_test_selected, summary_table, write_report
 
     cfg = _config(args)
     seeds = _parse_seeds(args.seeds)
@@ -245,12 +250,14 @@ def cmd_bench(args) -> int:
     write_report(results, out)
     print()
     print(summary_table(results))
+    if has_test_selected(results):
+        print(TEST_SELECTED_NOTE)
     print(f"\nreport: {out / 'report.md'}")
     return 0
 
 
 def cmd_report(args) -> int:
-    from poise.eval.report import summary_table, write_report
+    from poise.eval.report import TEST_SELECTED_NOTE, has_test_selected, summary_table, write_report
 
     path = Path(args.dir) / "results.json"
     if not path.is_file():
@@ -262,6 +269,8 @@ def cmd_report(args) -> int:
         raise PoiseError(f"'{path}' is not a poise results file: {e}") from None
     write_report(results, Path(args.dir))
     print(summary_table(results))
+    if has_test_selected(results):
+        print(TEST_SELECTED_NOTE)
     return 0
 
 
@@ -289,6 +298,8 @@ def cmd_prepare(args) -> int:
                           flow=args.flow)
     print(f"{args.dataset}: {summary['prepared']} clips prepared, {summary['already_prepared']} already done, "
           f"{summary['skipped']} skipped (listed in {summary['report']})")
+    for line in summary.get("listed_twice", []):
+        print(line)
     return 0
 
 

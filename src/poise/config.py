@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from poise.errors import ConfigError, closest
 
@@ -50,10 +50,29 @@ class TrainerConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    val_fraction: float = Field(0.15, gt=0, lt=1, description="share of the training data held out for model selection")
+    protocol: Literal["poise", "released"] = Field(
+        "poise", description="poise: select the epoch on a validation split; released: as the released code of OGM-GE, MLA "
+        "and BalanceBenchmark, train on the whole training list and also report the epoch of best TEST accuracy "
+        "(test-selected, under its own key 'released_test_selected')"
+    )
+    val_fraction: float = Field(
+        0.15, ge=0, lt=1, description="share of the training data held out for model selection (0 only under protocol released)"
+    )
     missing_rate: float = Field(0.0, ge=0, lt=1, description="per-modality missing probability, train and val")
     missing_rate_test: float | None = Field(None, ge=0, lt=1, description="missing probability on test (default: missing_rate)")
     split_seed: int = Field(0, ge=0, description="seed of the data splits (kept apart from the run seed)")
+
+    @model_validator(mode="after")
+    def _protocol_and_validation_share(self) -> DataConfig:
+        if self.protocol == "released":
+            if "val_fraction" in self.model_fields_set and self.val_fraction != 0:
+                raise ValueError(f"protocol released trains on the whole training list: data.val_fraction must be 0 "
+                                 f"(it is {self.val_fraction})")
+            self.val_fraction = 0.0
+        elif self.val_fraction == 0:
+            raise ValueError("data.val_fraction 0 leaves nothing to select the epoch on; it is allowed only with "
+                             "data.protocol released (test-selected, as the papers' code)")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -88,6 +107,8 @@ def describe_validation_error(err: Exception, prefix: str = "") -> str:
         return f"unknown config key '{loc}'{suggestion}"
     if first["type"] == "missing":
         return f"config key '{loc}' is required"
+    if first["type"] == "value_error" and "error" in first.get("ctx", {}):
+        return str(first["ctx"]["error"])
     return f"invalid value {first.get('input')!r} for '{loc}': {first['msg']}"
 
 

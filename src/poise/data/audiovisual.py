@@ -22,7 +22,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from poise.data.base import DataSplits
+from poise.data.frames import FrameChoice
 from poise.data.lazy import AudioReader, FlowReader, FrameReader, assemble_splits, resolve_problems
+from poise.data.splitlists import list_path
 from poise.data.media import AudioFeatures, ClipSpectrogram, CroppedSpectrogram, ImageTransform, NormalisedFbank, list_images
 from poise.errors import DataError
 
@@ -49,8 +51,9 @@ class AudioVisualOptions(MediaOptions):
     audio_dir: str = Field("audio", description="raw audio folder (<clip>.wav), read when no prepared cache exists")
     visual_dir: str = Field("visual", description="frame folder (<clip>/<frame>.jpg)")
     frames: int = Field(3, ge=1, description="frames per clip")
-    frame_sampling: Literal["first", "segments"] = Field(
-        "segments", description="first: the first frames; segments: one frame per equal segment (random in training)"
+    frame_sampling: FrameChoice = Field(
+        "segments", description="which frames (poise.data.frames): first, segments (random in training, middles at test), "
+        "segment_starts (OGM-GE), segments_then_starts (BalanceBenchmark)"
     )
 
 
@@ -140,13 +143,15 @@ class CremadOptions(AudioVisualOptions):
     audio_dir: str = Field("AudioWAV", description="raw audio folder (<clip>.wav), read when no prepared cache exists")
     visual_dir: str = Field("Image-01-FPS", description="frames at 1 fps (<clip>/NNNNN.jpg)")
     frames: int = Field(1, ge=1, description="frames per clip (OGM-GE: 1)")
-    frame_sampling: Literal["first", "segments"] = Field("first", description="first: the first frames of the sorted list")
+    frame_sampling: FrameChoice = Field("first", description="first: the first frames of the sorted list (OGM-GE); "
+                                         "segments_then_starts with frames 2: BalanceBenchmark")
 
 
 def cremad_rows(root: Path, options: CremadOptions) -> tuple[list[ClipRow], list[str]]:
     rows = []
     for split, file in (("train", options.train_csv), ("test", options.test_csv)):
-        for number, fields in read_rows(root / file, f"CREMA-D {split} list"):
+        what = f"CREMA-D {split} list"
+        for number, fields in read_rows(list_path(root, "cremad", file, what), what):
             origin = f"{file} line {number}"
             if len(fields) < 2:
                 raise DataError(f"{origin}: expected 'clip,LABEL', got '{','.join(fields)}'")
@@ -172,12 +177,16 @@ def read_class_file(path: Path) -> list[str] | None:
 
 
 def listed_rows(root: Path, files: dict[str, str], parse: Callable[[list[str]], tuple[str, str] | None], what: str,
-                classes: list[str] | None, separator: str | None = None) -> tuple[list[ClipRow], list[str]]:
+                classes: list[str] | None, separator: str | None = None,
+                dataset: str | None = None) -> tuple[list[ClipRow], list[str]]:
     """Rows of several split files whose lines ``parse`` turns into (clip, label) (None: a header).
-    Without a class list: integer labels 0..max, or the sorted label names."""
+    Without a class list: integer labels 0..max, or the sorted label names. ``dataset``: a list
+    missing from ``root`` is read from poise's shipped copy."""
     raw = []
     for split, file in files.items():
-        for number, fields in read_rows(root / file, f"{what} {split} list", separator):
+        name = f"{what} {split} list"
+        path = list_path(root, dataset, file, name) if dataset else root / file
+        for number, fields in read_rows(path, name, separator):
             origin = f"{file} line {number}"
             try:
                 parsed = parse(fields)
@@ -196,7 +205,8 @@ def listed_rows(root: Path, files: dict[str, str], parse: Callable[[list[str]], 
 
 def kinetics_sounds_rows(root: Path, options: KineticsSoundsOptions) -> tuple[list[ClipRow], list[str]]:
     return listed_rows(root, {"train": options.train_list, "test": options.test_list}, lambda f: (f[0], f[-1]),
-                       "Kinetics-Sounds", read_class_file(root / options.classes_file))
+                       "Kinetics-Sounds", read_class_file(list_path(root, "kinetics_sounds", options.classes_file)),
+                       dataset="kinetics_sounds")
 
 
 # ---- AVE --------------------------------------------------------------------------------------------
@@ -214,15 +224,43 @@ def _ave_fields(fields: list[str]) -> tuple[str, str] | None:
     return None if fields[1] == "VideoID" else (fields[1], fields[0])
 
 
-def ave_rows(root: Path, options: AveOptions) -> tuple[list[ClipRow], list[str]]:
+def _ave_files(root: Path, options: AveOptions) -> dict[str, str]:
     files = {"train": options.train_list, "test": options.test_list}
-    if options.val_list and (root / options.val_list).is_file():
+    if options.val_list and list_path(root, "ave", options.val_list).is_file():
         files["val"] = options.val_list
+    return files
+
+
+def ave_rows(root: Path, options: AveOptions) -> tuple[list[ClipRow], list[str]]:
+    """The rows of AVE's lists. A video id listed twice in one list (AVE lists 45 ids twice with
+    different categories) is kept once, with its last line, as the released loader keeps it."""
     classes = None
-    if (root / options.annotations).is_file():
-        lines = read_rows(root / options.annotations, "AVE annotations", separator="&")
+    annotations = list_path(root, "ave", options.annotations)
+    if annotations.is_file():
+        lines = read_rows(annotations, "AVE annotations", separator="&")
         classes = sorted({f[0] for _, f in lines if len(f) > 1 and f[1] != "VideoID"})
-    return listed_rows(root, files, _ave_fields, "AVE", classes, separator="&")
+    rows, classes = listed_rows(root, _ave_files(root, options), _ave_fields, "AVE", classes, separator="&", dataset="ave")
+    last = {(r.split, r.clip): r for r in rows}
+    return [r for r in rows if last[(r.split, r.clip)] is r], classes
+
+
+def ave_duplicates(root: Path, options: AveOptions) -> list[str]:
+    """One sentence per video id that AVE's lists give twice: within one list (the last line is
+    kept) and across lists (the clip stays in each, as released)."""
+    rows, classes = listed_rows(root, _ave_files(root, options), _ave_fields, "AVE", None, separator="&", dataset="ave")
+    by_clip: dict[str, list[ClipRow]] = {}
+    for r in rows:
+        by_clip.setdefault(r.clip, []).append(r)
+    out = []
+    for clip, listed in by_clip.items():
+        if len(listed) < 2:
+            continue
+        where = "; ".join(f"{r.origin} ({classes[r.label]})" for r in listed)
+        splits = sorted({r.split for r in listed}, key=("train", "val", "test").index)
+        kept = "; the last line of each list is kept" if len(splits) < len(listed) else ""
+        both = f"; it is in {' and '.join(splits)}" if len(splits) > 1 else ""
+        out.append(f"AVE video '{clip}' is listed {len(listed)} times: {where}{kept}{both}")
+    return out
 
 
 # ---- VGGSound ---------------------------------------------------------------------------------------
@@ -232,7 +270,7 @@ class VggSoundOptions(AudioVisualOptions):
 
 def vggsound_rows(root: Path, options: VggSoundOptions) -> tuple[list[ClipRow], list[str]]:
     raw = []
-    for number, fields in read_rows(root / options.csv, "VGGSound list"):
+    for number, fields in read_rows(list_path(root, "vggsound", options.csv, "VGGSound list"), "VGGSound list"):
         origin = f"{options.csv} line {number}"
         if len(fields) < 4 or fields[3] not in ("train", "test"):
             raise DataError(f"{origin}: expected 'youtube_id,start_seconds,label,train|test', got '{','.join(fields)}'")
@@ -249,18 +287,22 @@ class AudioVisualSet:
     name: str
     rows: Callable[[Path, AudioVisualOptions], tuple[list[ClipRow], list[str]]]
     features: AudioFeatures
+    duplicates: Callable[[Path, AudioVisualOptions], list[str]] | None = None  # clips listed twice, reported
 
     def build(self, arg: str | None, options: AudioVisualOptions, val_fraction: float, split_seed: int) -> DataSplits:
         root = dataset_folder(arg, self.name)
         rows, classes = self.rows(root, options)
-        return audio_visual_splits(self.name, root, rows, classes, options, self.features, val_fraction, split_seed)
+        splits = audio_visual_splits(self.name, root, rows, classes, options, self.features, val_fraction, split_seed)
+        if self.duplicates is not None and (found := self.duplicates(root, options)):
+            splits.notes["duplicates"] = found
+        return splits
 
 
 AUDIO_VISUAL_SETS = {
     s.name: s for s in (
         AudioVisualSet("cremad", cremad_rows, ClipSpectrogram()),
         AudioVisualSet("kinetics_sounds", kinetics_sounds_rows, NormalisedFbank()),
-        AudioVisualSet("ave", ave_rows, NormalisedFbank(mono=True)),  # the released AVE wavs: ffmpeg -ac 1
+        AudioVisualSet("ave", ave_rows, NormalisedFbank(mono=True), ave_duplicates),  # the released AVE wavs: ffmpeg -ac 1
         AudioVisualSet("vggsound", vggsound_rows, CroppedSpectrogram()),
     )
 }
@@ -278,6 +320,19 @@ class Ucf101Options(MediaOptions):
     flow_u_dir: str = Field("flow/u", description="horizontal flow frames (<video>/<frame>.jpg), greyscale")
     flow_v_dir: str = Field("flow/v", description="vertical flow frames, the same names as u")
     frames: int = Field(3, ge=1, description="RGB frames and flow frames per video")
+    frame_sampling: FrameChoice = Field(
+        "segments", description="which frames (poise.data.frames); BalanceBenchmark: segments_then_starts in a window of 6"
+    )
+    frame_window: int | None = Field(
+        None, ge=1, description="only the first N RGB frame files take part (none: every frame; BalanceBenchmark: 6)"
+    )
+    grouped_validation: bool = Field(
+        True, description="carve the validation share by whole gXX groups (same actors and scene), as the official splits do"
+    )
+    flow_flip: Literal["joint", "independent"] = Field(
+        "joint", description="joint: one flip for u and v with u negated (the mirrored video's flow); independent: "
+        "u and v flipped each on its own, u not negated (BalanceBenchmark)"
+    )
 
 
 def ucf101_rows(root: Path, options: Ucf101Options) -> tuple[list[ClipRow], list[str]]:
@@ -312,9 +367,21 @@ def build_ucf101(arg: str | None, options: Ucf101Options, val_fraction: float, s
     rgb = ImageTransform(options.image_size, "resize_flip")
     flow = ImageTransform(options.image_size, "resize_flip", mean=None, std=None)
     readers = {
-        "visual": FrameReader([root / options.rgb_dir / r.clip for r in kept], options.frames, "segments", rgb),
-        "flow": FlowReader(FrameReader([root / options.flow_u_dir / r.clip for r in kept], options.frames, "segments",
-                                       flow, mode="L"), [root / options.flow_v_dir / r.clip for r in kept]),
+        "visual": FrameReader([root / options.rgb_dir / r.clip for r in kept], options.frames, options.frame_sampling, rgb,
+                              window=options.frame_window),
+        "flow": FlowReader(FrameReader([root / options.flow_u_dir / r.clip for r in kept], options.frames,
+                                       options.frame_sampling, flow, mode="L"),
+                           [root / options.flow_v_dir / r.clip for r in kept], flip=options.flow_flip),
     }
     return assemble_splits("ucf101", readers, np.array([r.label for r in kept]), [f"{r.origin} (video '{r.clip}')" for r in kept],
-                           _parts(kept), classes, val_fraction, split_seed, skipped)
+                           _parts(kept), classes, val_fraction, split_seed, skipped,
+                           groups=[ucf101_group(r.clip) for r in kept] if options.grouped_validation else None)
+
+
+def ucf101_group(video: str) -> str:
+    """The group of a UCF-101 video 'v_<Class>_gXX_cYY': gXX (the same actors and scene; the official
+    splits hold out groups 1-7 / 8-14 / 15-21 of every class at once)."""
+    match = re.search(r"_(g\d+)_c\d+$", video)
+    if match is None:
+        raise DataError(f"UCF-101 video name '{video}' has no group (expected v_<Class>_gXX_cYY)")
+    return match.group(1)

@@ -115,6 +115,29 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def grouped_split(groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held) sample indices with whole groups held out (UCF-101's ``gXX`` actor-and-scene
+    groups, IEMOCAP's sessions), so that no group is on both sides. Groups are taken in an order
+    fixed by ``seed`` while each brings the held-out count closer to ``fraction`` of the samples
+    (at least one group; never all of them)."""
+    groups = np.asarray(groups)
+    if fraction <= 0:
+        return np.arange(len(groups)), np.zeros(0, dtype=np.int64)
+    names, sizes = np.unique(groups, return_counts=True)
+    if len(names) < 2:
+        raise DataError(f"a grouped validation split needs at least two groups; the training data has {len(names)}")
+    order = np.random.default_rng(seed).permutation(len(names))
+    target = fraction * len(groups)
+    held, count = [], 0
+    for k in order[:-1]:  # the last group always stays in training
+        if held and abs(count + sizes[k] - target) >= abs(count - target):
+            continue
+        held.append(names[k])
+        count += int(sizes[k])
+    mask = np.isin(groups, held)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
 def missing_mask(n: int, num_modalities: int, rate: float, seed: int) -> Tensor:
     """(n, M) presence mask: each modality of each sample missing with probability ``rate``,
     never all modalities of a sample at once (one of the dropped ones is restored at random)."""

@@ -38,11 +38,23 @@ class FeatureOptions(BaseModel):
 
 class MoseiOptions(FeatureOptions):
     file: str = Field("mosei_senti_data_noalign.pkl", description="the pickle's name when the path is a folder")
-    classes: Literal[2, 7] = Field(2, description="2: negative (< 0) / non-negative; 7: the rounded score -3..3")
+    classes: Literal[2, 7] = Field(2, description="2: two sentiment classes (see zero_is); 7: the rounded score -3..3")
+    zero_is: Literal["positive", "negative"] = Field(
+        "positive", description="2 classes: a score of exactly 0 counts as positive (negative < 0 / non-negative, "
+        "BalanceBenchmark) or as negative (non-positive / positive > 0, MulT)"
+    )
 
 
 class IemocapOptions(FeatureOptions):
     file: str = Field("iemocap_data.pkl", description="the pickle's name when the path is a folder")
+    pair_order: Literal["detect", "negative_positive", "positive_negative"] = Field(
+        "detect", description="order of each emotion's flag pair in (N, 4, 2) labels; detect: the order in which every "
+        "sample has exactly one emotion"
+    )
+    evaluation: Literal["four_class", "binary_tasks"] = Field(
+        "four_class", description="four_class: one 4-class accuracy; binary_tasks: also MulT's evaluation, each emotion "
+        "a binary task (accuracy and weighted F1, under test.binary_tasks)"
+    )
 
 
 def load_feature_pickle(arg: str | None, name: str, file: str) -> tuple[Path, dict]:
@@ -102,10 +114,11 @@ def build_mosei(arg: str | None, options: MoseiOptions, val_fraction: float, spl
             raise DataError(f"{where}: 'labels' must hold one finite sentiment score per sample, got shape {y.shape}")
         score = score[:, 0]
         if options.classes == 2:
-            return (score >= 0).astype(np.int64)
+            return (score >= 0 if options.zero_is == "positive" else score > 0).astype(np.int64)
         return (np.clip(np.round(score), -3, 3) + 3).astype(np.int64)
 
-    classes = ("negative", "non-negative") if options.classes == 2 else tuple(str(s) for s in range(-3, 4))
+    two = ("negative", "non-negative") if options.zero_is == "positive" else ("non-positive", "positive")
+    classes = two if options.classes == 2 else tuple(str(s) for s in range(-3, 4))
     return feature_splits("mosei", path, data, options, labels_of, classes)
 
 
@@ -120,11 +133,21 @@ def build_iemocap(arg: str | None, options: IemocapOptions, val_fraction: float,
             return y.astype(np.int64)
         if y.ndim != 3 or y.shape[1:] != (len(IEMOCAP_CLASSES), 2):
             raise DataError(f"{where}: 'labels' must be (N, 4, 2) emotion flags or (N,) classes, got shape {y.shape}")
-        positive = y[:, :, 1] > 0.5
+        column = {"negative_positive": 1, "positive_negative": 0}.get(options.pair_order)
+        if column is None:
+            fits = [c for c in (1, 0) if ((y[:, :, c] > 0.5).sum(axis=1) == 1).all()]
+            if len(fits) == 2:
+                raise DataError(f"{where}: cannot tell the order of the (N, 4, 2) label pairs (both orders give every "
+                                "sample exactly one emotion); set dataset.pair_order to negative_positive or positive_negative")
+            column = fits[0] if fits else 1  # neither fits: MulT's (negative, positive), and the sample is named below
+        positive = y[:, :, column] > 0.5
         counts = positive.sum(axis=1)
         if (counts != 1).any():
             row = int(np.flatnonzero(counts != 1)[0])
             raise DataError(f"{where}: sample {row} has {int(counts[row])} positive emotions, exactly one expected")
         return positive.argmax(axis=1).astype(np.int64)
 
-    return feature_splits("iemocap", path, data, options, labels_of, IEMOCAP_CLASSES)
+    splits = feature_splits("iemocap", path, data, options, labels_of, IEMOCAP_CLASSES)
+    if options.evaluation == "binary_tasks":
+        splits.notes["evaluation"] = "binary_tasks"
+    return splits

@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from poise.data.base import ModalitySpec
-from poise.data.media import AudioFeatures, ImageTransform, list_images, read_image, sample_frame_indices
+from poise.data.frames import frame_indices
+from poise.data.media import AudioFeatures, ImageTransform, list_images, read_image
 from poise.errors import DataError
 
 
@@ -120,12 +121,14 @@ class AudioReader(SampleReader):
 
 
 class FrameReader(SampleReader):
-    """``count`` frames of a clip's frame folder (sorted), each transformed: (count, C, S, S)."""
+    """``count`` frames of a clip's frame folder (sorted), chosen by ``sampling`` (a
+    :mod:`poise.data.frames` choice) among the first ``window`` files (None: all), each
+    transformed: (count, C, S, S)."""
 
     def __init__(self, folders: Sequence[Path], count: int, sampling: str, transform: ImageTransform,
-                 mode: str = "RGB"):
+                 mode: str = "RGB", window: int | None = None):
         self.folders = list(folders)
-        self.count, self.sampling, self.transform, self.mode = count, sampling, transform, mode
+        self.count, self.sampling, self.transform, self.mode, self.window = count, sampling, transform, mode, window
         channels = 3 if mode == "RGB" else 1
         self.spec = ModalitySpec("frames", (count, channels, transform.size, transform.size))
 
@@ -134,7 +137,7 @@ class FrameReader(SampleReader):
         names = list_images(folder)
         if len(names) < self.count:
             raise DataError(f"frame folder '{folder}' has {len(names)} frames, {self.count} needed")
-        return [folder / names[k] for k in sample_frame_indices(len(names), self.count, self.sampling, rng)]
+        return [folder / names[k] for k in frame_indices(len(names), self.count, self.sampling, rng, self.window)]
 
     def read(self, record, rng):
         return np.stack([self.transform(read_image(p, self.mode), rng) for p in self.frame_paths(record, rng)])
@@ -142,21 +145,46 @@ class FrameReader(SampleReader):
 
 class FlowReader(SampleReader):
     """Optical flow as two greyscale frame folders (u, v) of the same names: (count, 2, S, S).
-    One flip decision per sample for every frame and both components; flipping mirrors the image
-    and negates the horizontal component u (stored around mid-grey, so u -> 1 - u)."""
 
-    def __init__(self, u: FrameReader, v_folders: Sequence[Path]):
-        self.u, self.v_folders = u, list(v_folders)
+    ``flip="joint"`` (poise): one flip decision per sample for every frame and both components;
+    flipping mirrors the image and negates the horizontal component u (stored around mid-grey, so
+    u -> 1 - u): the flow of the mirrored video. ``flip="independent"`` (BalanceBenchmark's
+    released loader): every u and v image draws its own flip and u keeps its sign."""
+
+    def __init__(self, u: FrameReader, v_folders: Sequence[Path], flip: str = "joint"):
+        if flip not in ("joint", "independent"):
+            raise DataError(f"flow flip '{flip}' is not one of joint, independent")
+        self.u, self.v_folders, self.flip = u, list(v_folders), flip
         self.spec = ModalitySpec("frames", (u.count, 2, u.transform.size, u.transform.size))
 
     def read(self, record, rng):
-        flip = bool(rng.random() < 0.5) if rng is not None and self.u.transform.augment != "none" else False
+        augment = rng is not None and self.u.transform.augment != "none"
+        joint = self.flip == "joint"
+        flip = bool(rng.random() < 0.5) if augment and joint else False
         out = []
         for path in self.u.frame_paths(record, rng):
-            u = self.u.transform(read_image(path, "L"), rng, flip=flip)
-            v = self.u.transform(read_image(self.v_folders[record] / path.name, "L"), rng, flip=flip)
+            u = self.u.transform(read_image(path, "L"), rng, flip=flip if joint else None)
+            v = self.u.transform(read_image(self.v_folders[record] / path.name, "L"), rng, flip=flip if joint else None)
             out.append(np.concatenate([1.0 - u if flip else u, v]))
         return np.stack(out)
+
+
+class ArrayFileReader(SampleReader):
+    """One saved array per record (``.npy``, e.g. a filter-bank computed by a paper's own scripts),
+    all of ``shape``; ``kind`` is the modality's kind (spectrogram: a channel axis is added)."""
+
+    def __init__(self, paths: Sequence[Path], shape: tuple[int, ...], kind: str = "spectrogram"):
+        self.paths, self.shape, self.kind = list(paths), tuple(shape), kind
+        self.spec = ModalitySpec(kind, (1, *self.shape) if kind == "spectrogram" else self.shape)
+
+    def read(self, record, rng):
+        path = self.paths[record]
+        try:
+            x = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"array file '{path}' cannot be read: {e}") from None
+        x = _check_shape(x, self.shape, path).astype(np.float32, copy=False)
+        return x[None] if self.kind == "spectrogram" else x
 
 
 class ImageReader(SampleReader):
@@ -192,11 +220,11 @@ def resolve_problems(dataset: str, problems: list[str], on_missing: str) -> list
 
 def assemble_splits(name: str, readers: dict[str, SampleReader], labels: np.ndarray, origins: Sequence[str],
                     parts: dict[str, np.ndarray], classes: Sequence[str], val_fraction: float, split_seed: int,
-                    skipped: Sequence[str] = ()):
+                    skipped: Sequence[str] = (), groups: Sequence[str] | None = None):
     """DataSplits over one listing: ``parts`` gives the listing rows of train and test (and of val
-    when the dataset has an official one; otherwise val is carved from train, stratified, by
-    ``split_seed``)."""
-    from poise.data.base import DatasetInfo, DataSplits, stratified_split
+    when the dataset has an official one; otherwise val is carved from train by ``split_seed``:
+    stratified, or with ``groups`` (one name per listing row) whole groups at a time)."""
+    from poise.data.base import DatasetInfo, DataSplits, grouped_split, stratified_split
 
     labels = np.asarray(labels, dtype=np.int64)
     for split in ("train", "test"):
@@ -206,11 +234,16 @@ def assemble_splits(name: str, readers: dict[str, SampleReader], labels: np.ndar
     train_rows = np.asarray(parts["train"], dtype=np.int64)
     if "val" in parts and len(parts["val"]):
         val_rows = np.asarray(parts["val"], dtype=np.int64)
+    elif groups is not None:
+        keep, held = grouped_split(np.asarray(groups)[train_rows], val_fraction, split_seed)
+        train_rows, val_rows = train_rows[keep], train_rows[held]
     else:
         keep, held = stratified_split(labels[train_rows], (1 - val_fraction, val_fraction), split_seed)
         train_rows, val_rows = train_rows[keep], train_rows[held]
     info = DatasetInfo(name=name, modalities={m: r.spec for m, r in readers.items()}, num_classes=len(classes),
                        class_names=tuple(classes))
     notes: dict[str, object] = {"skipped": list(skipped)} if skipped else {}
+    if groups is not None and len(val_rows) and not ("val" in parts and len(parts["val"])):
+        notes["validation_groups"] = sorted({str(groups[i]) for i in val_rows})
     return DataSplits(info, full.subset(train_rows, train=True), full.subset(val_rows, train=False),
                       full.subset(np.asarray(parts["test"], dtype=np.int64), train=False), notes)

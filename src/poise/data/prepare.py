@@ -2,7 +2,7 @@
 that the loaders read.
 
 Audio-visual sets (cremad, kinetics_sounds, ave, vggsound): for every clip of the dataset's split
-lists (copied from the raw folder), frames at the dataset's rate (1 fps) from the video with PyAV,
+lists (copied from the raw folder, or where it has none, the official lists shipped with poise), frames at the dataset's rate (1 fps) from the video with PyAV,
 written as ``<frames>/<clip>/NNNNN.jpg``, and the audio (the dataset's wav when the raw folder has
 one, else the video's audio track) turned into the dataset's spectrogram / filter-bank with the
 published parameters, ``<cache>/<clip>.npy``.
@@ -53,6 +53,7 @@ from poise.data.audiovisual import (
     ucf101_rows,
 )
 from poise.data.media import FLOW_BOUND, FLOW_METHODS, AudioFeatures, video_frames
+from poise.data.splitlists import shipped_list
 from poise.errors import DataError
 
 VIDEO_SUFFIXES = {".mp4", ".flv", ".avi", ".mkv", ".webm", ".mov"}
@@ -144,6 +145,11 @@ class PrepareTarget:
 
     def outputs(self):
         return [self.features.cache_dir, self.options.visual_dir]
+
+    def duplicates(self, raw: Path) -> list[str]:
+        """Clips that the split lists give twice (AVE), reported by ``poise prepare``."""
+        report = AUDIO_VISUAL_SETS[self.name].duplicates
+        return report(raw, self.options) if report is not None else []
 
     def lists(self):
         return self.list_files
@@ -322,7 +328,7 @@ class ImageTextTarget:
         return ["images"] if self.name == "food101" else ["data"]
 
     def lists(self):
-        return ("texts",) if self.name == "food101" else ("labelResultAll.txt",)
+        return ("texts",) if self.name == "food101" else ("labelResultAll.txt", "train.jsonl", "dev.jsonl", "test.jsonl")
 
     def describe(self, settings):
         return {"images": {"shorter_side": IMAGE_SIDE, "filter": "bilinear", "jpeg_quality": JPEG_QUALITY},
@@ -330,7 +336,7 @@ class ImageTextTarget:
 
 
 TARGETS: dict[str, Target] = {
-    "cremad": PrepareTarget("cremad", CremadOptions(), ("train.csv", "test.csv"), "VideoFlash"),
+    "cremad": PrepareTarget("cremad", CremadOptions(), ("train.csv", "test.csv"), "VideoFlash"),  # lists: raw, else shipped
     "kinetics_sounds": PrepareTarget("kinetics_sounds", KineticsSoundsOptions(), ("my_train.txt", "my_test.txt", "class.txt"),
                                      "videos"),
     "ave": PrepareTarget("ave", AveOptions(), ("trainSet.txt", "testSet.txt", "valSet.txt", "Annotations.txt"), "AVE"),
@@ -441,11 +447,17 @@ def run_prepare(dataset: str, raw: Path, out: Path, workers: int = 1, progress: 
         (out / sub).mkdir(parents=True, exist_ok=True)
         for leftover in (out / sub).glob(getattr(target, "leftovers", ".*.tmp*")):  # from an interrupted run
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    lists = {}
     for name in target.lists():
         if (raw / name).is_file():
             shutil.copyfile(raw / name, out / name)
+            lists[name] = "raw folder"
         elif (raw / name).is_dir():
             shutil.copytree(raw / name, out / name, dirs_exist_ok=True)
+            lists[name] = "raw folder"
+        elif (shipped := shipped_list(dataset, name)) is not None:  # the raw distribution has no list: poise's copy
+            shutil.copyfile(shipped, out / name)
+            lists[name] = "shipped with poise"
     failures: list[tuple[str, str, str]] = []
     bar = tqdm(total=len(jobs), desc=f"prepare {dataset}", unit="clip", disable=not progress)
     if workers <= 1:
@@ -471,7 +483,10 @@ def run_prepare(dataset: str, raw: Path, out: Path, workers: int = 1, progress: 
     _write_text(out / REPORT, "clip\tlisted at\twhy it was skipped\n" + report)
     summary = {"dataset": dataset, "clips": len(jobs) + done, "already_prepared": done,
                "prepared": len(jobs) - len(failures), "skipped": len(failures), "report": str(out / REPORT),
-               **target.describe(settings)}
+               "lists": lists, **target.describe(settings)}
+    duplicates = getattr(target, "duplicates", lambda raw: [])(raw)
+    if duplicates:
+        summary["listed_twice"] = duplicates
     _write_text(out / MANIFEST, json.dumps(summary, indent=1))
     return summary
 

@@ -25,6 +25,7 @@ from poise.data.audiovisual import (
 )
 from poise.data.base import DataSplits, missing_mask
 from poise.data.features import IemocapOptions, MoseiOptions, build_iemocap, build_mosei
+from poise.data.iemocap_mla import IemocapMlaOptions, build_iemocap_mla
 from poise.data.imagetext import Food101Options, MvsaOptions, build_food101, build_mvsa
 from poise.data.npz import NpzOptions, build_npz
 from poise.data.synthetic import SyntheticOptions, build_synthetic
@@ -47,6 +48,7 @@ class DatasetKind:
 RESNET_AV = {"model": {"feature_dim": 512, "encoders": {"audio": "resnet18", "visual": "resnet18"}}}
 RESNET_UCF = {"model": {"feature_dim": 512, "encoders": {"visual": "resnet18", "flow": "resnet18"}}}
 IMAGE_TEXT = {"model": {"feature_dim": 512, "encoders": {"visual": "resnet18", "text": "text"}}}
+IEMOCAP_MLA = {"model": {"feature_dim": 512, "encoders": {"audio": "resnet18", "visual": "resnet18", "text": "text"}}}
 FEATURE_SEQUENCES = {"model": {"encoders": {"audio": "transformer", "visual": "transformer", "text": "transformer"}}}
 
 DATASETS: Registry[DatasetKind] = Registry(
@@ -64,6 +66,7 @@ DATASETS: Registry[DatasetKind] = Registry(
         "mvsa": DatasetKind(build_mvsa, MvsaOptions, IMAGE_TEXT, needs_arg=True),
         "mosei": DatasetKind(build_mosei, MoseiOptions, FEATURE_SEQUENCES, needs_arg=True),
         "iemocap": DatasetKind(build_iemocap, IemocapOptions, FEATURE_SEQUENCES, needs_arg=True),
+        "iemocap_mla": DatasetKind(build_iemocap_mla, IemocapMlaOptions, IEMOCAP_MLA, needs_arg=True),
     },
 )
 

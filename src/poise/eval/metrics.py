@@ -63,3 +63,23 @@ def evaluate(model, method, loader, num_classes: int, device: torch.device) -> d
     """Fused accuracy / macro-F1 from ``method.predict`` and unimodal accuracy from each modality's
     logits, counted over the samples that have that modality."""
     return score(predict_batches(model, method, loader, device), list(model.modalities), num_classes)
+
+
+def binary_tasks(predicted: Tensor, labels: Tensor, class_names: list[str]) -> dict[str, dict[str, float]]:
+    """MulT's IEMOCAP evaluation, one binary task per class: for class c, "is c" against "is not c"
+    (here derived from the single-label prediction), its accuracy and its support-weighted F1 over
+    the two outcomes (scikit-learn's ``average='weighted'``, as MulT calls it)."""
+    out = {}
+    for c, name in enumerate(class_names):
+        truth, guess = labels == c, predicted == c
+        f1s, supports = [], []
+        for outcome in (False, True):
+            t, g = truth == outcome, guess == outcome
+            tp = float((t & g).sum())
+            denom = float(t.sum() + g.sum())
+            f1s.append(2 * tp / denom if denom else 0.0)
+            supports.append(float(t.sum()))
+        total = sum(supports)
+        out[name] = {"accuracy": float((truth == guess).float().mean()),
+                     "f1": sum(f * s for f, s in zip(f1s, supports)) / total if total else 0.0}
+    return out
