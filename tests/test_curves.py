@@ -115,3 +115,20 @@ def test_mla_logs_the_gap_of_its_shared_head():
     splits, cfg = synthetic(2, trainer={"epochs": 1})
     result = Trainer(splits, make_method("mla"), cfg, seed=0).fit()
     assert set(result.history[0]["val"]["modality_gap"]) == {"audio-visual"}
+
+
+def test_report_draws_learning_curves_and_the_gap_only_from_runs_that_logged_them(tmp_path):
+    from poise.eval.report import write_learning_curves
+
+    def entry(epoch, gap):
+        val = {"accuracy": 0.5, "head_loss": {"fused": 1.0 - 0.1 * epoch, "a": 2.0}}
+        if gap:
+            val["modality_gap"] = {"a-b": 0.9 - 0.1 * epoch}
+        return {"epoch": epoch, "head_train_loss": {"fused": 1.2 - 0.2 * epoch, "a": 2.1}, "val": val}
+
+    runs = [{"method": "mla", "history": [entry(e, True) for e in range(3)]},
+            {"method": "joint", "history": [entry(e, False) for e in range(3)]}]
+    assert write_learning_curves({"runs": runs}, tmp_path) == ["learning_curves.png", "modality_gap.png"]
+    assert (tmp_path / "learning_curves.png").stat().st_size > 0
+    old = [{"method": "joint", "history": [{"epoch": 0, "val": {"accuracy": 0.5}}]}]
+    assert write_learning_curves({"runs": old}, tmp_path / "none") == []

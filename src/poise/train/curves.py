@@ -59,6 +59,14 @@ class ValidationCurves:
         self.feature_sums = None if gap_dim is None else torch.zeros(len(self.modalities), gap_dim, device=device)
         self.feature_counts = None if gap_dim is None else torch.zeros(len(self.modalities), device=device)
 
+    @classmethod
+    def for_model(cls, model, device: torch.device) -> ValidationCurves:
+        """Head losses always; the modality gap where the model's fusion puts every modality's features in
+        one space (``Fusion.shares_feature_space``) of one size."""
+        widths = set(model.fusion.feature_dims.values())
+        gap_dim = widths.pop() if model.fusion.shares_feature_space and len(widths) == 1 else None
+        return cls(model.modalities, device, gap_dim)
+
     def __call__(self, output, batch) -> None:
         self.heads += head_loss_sums(output, batch)
         if self.feature_sums is not None:

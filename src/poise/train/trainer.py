@@ -342,8 +342,7 @@ class Trainer:
                 if scheduler is not None:
                     scheduler.step()
                 broadcast_buffers(model)  # evaluate (and checkpoint) rank 0's norm statistics everywhere
-                gap_dims = set(model.fusion.feature_dims.values()) if model.fusion.shares_feature_space else set()
-                curves = ValidationCurves(model.modalities, self.device, gap_dims.pop() if len(gap_dims) == 1 else None)
+                curves = ValidationCurves.for_model(model, self.device)
                 val = evaluate_split(model, method, val_loader, self.splits.info.num_classes, self.device, curves)
                 entry = {
                     "epoch": epoch,
