@@ -95,17 +95,37 @@ def test_weak_boost_coefficients_with_missing_modalities():
 
 
 # ---- uncertainty: functional --------------------------------------------------------------------------
-def test_uncertainty_weighted_loss_by_hand_and_minimiser():
+def test_uncertainty_weighted_loss_regression_form_by_hand_and_minimiser():
     losses = torch.tensor([0.8, 2.0, 0.1])
     s = torch.tensor([0.0, math.log(2.0), -1.0])
-    out = uncertainty_weighted_loss(losses, s)
+    out = uncertainty_weighted_loss(losses, s, form="regression")
     assert out.tolist() == pytest.approx([0.8, 2.0 / 2.0 + math.log(2.0), 0.1 * math.e - 1.0])
-    masked = uncertainty_weighted_loss(losses, s, torch.tensor([True, False, True]))
+    masked = uncertainty_weighted_loss(losses, s, torch.tensor([True, False, True]), form="regression")
     assert masked[1].item() == 0.0 and masked[0].item() == pytest.approx(0.8)
     # the optimum of exp(-s) L + s is s = log L (weight 1 / L)
     s_opt = torch.log(losses).requires_grad_(True)
+    uncertainty_weighted_loss(losses, s_opt, form="regression").sum().backward()
+    assert s_opt.grad.abs().max().item() < 1e-6
+
+
+def test_uncertainty_weighted_loss_classification_form_is_the_default_by_hand():
+    losses = torch.tensor([0.8, 2.0, 0.1])
+    s = torch.tensor([0.0, math.log(2.0), -1.0])
+    out = uncertainty_weighted_loss(losses, s)
+    # exp(-s) L + s / 2: 0.8 + 0; 2 / 2 + log(2) / 2; 0.1 e - 1/2
+    assert out.tolist() == pytest.approx([0.8, 1.0 + math.log(2.0) / 2, 0.1 * math.e - 0.5])
+    assert uncertainty_weighted_loss(losses, s, form="classification").tolist() == out.tolist()
+    masked = uncertainty_weighted_loss(losses, s, torch.tensor([True, False, True]))
+    assert masked[1].item() == 0.0 and masked[2].item() == pytest.approx(0.1 * math.e - 0.5)
+    # d/ds (exp(-s) L + s / 2) = 0 at exp(-s) = 1 / (2 L), i.e. s = log(2 L); not at s = log L
+    s_opt = torch.log(2 * losses).requires_grad_(True)
     uncertainty_weighted_loss(losses, s_opt).sum().backward()
     assert s_opt.grad.abs().max().item() < 1e-6
+    s_reg = torch.log(losses).requires_grad_(True)
+    uncertainty_weighted_loss(losses, s_reg).sum().backward()
+    assert s_reg.grad.tolist() == pytest.approx([-0.5, -0.5, -0.5])
+    with pytest.raises(ValueError, match="form"):
+        uncertainty_weighted_loss(losses, s, form="poisson")
 
 
 # ---- distill: functional ------------------------------------------------------------------------------
@@ -262,11 +282,15 @@ def test_uncertainty_loss_terms_and_parameter_group():
     output = ctx.model(batch)
     terms = method.loss(output, batch)
     fused = F.cross_entropy(output.logits, batch.labels)
-    assert terms["ce_fused"].item() == pytest.approx(math.exp(-0.5) * fused.item() + 0.5, rel=1e-5)
+    assert terms["ce_fused"].item() == pytest.approx(math.exp(-0.5) * fused.item() + 0.25, rel=1e-5)
     rows = batch.present_of("visual")
     visual = F.cross_entropy(output.unimodal_logits["visual"][rows], batch.labels[rows])
-    assert terms["ce_visual"].item() == pytest.approx(math.exp(-0.5) * visual.item() + 0.5, rel=1e-5)
+    assert terms["ce_visual"].item() == pytest.approx(math.exp(-0.5) * visual.item() + 0.25, rel=1e-5)
     assert method.pop_records()["weight/audio"] == pytest.approx(math.exp(-0.5))
+    regression = make_method("uncertainty", {"init_log_variance": 0.5, "form": "regression"})
+    ctx, _ = make_context(regression, splits, cfg)
+    terms = regression.loss(output, batch)
+    assert terms["ce_fused"].item() == pytest.approx(math.exp(-0.5) * fused.item() + 0.5, rel=1e-5)
 
 
 def test_distill_loss_and_teacher_choice():

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
-    p.add_argument("--objective", choices=("contrastive", "augment"), default="contrastive",
-                   help="contrastive: cross-modal InfoNCE between the modalities of a sample; augment: NT-Xent between two views")
+    p.add_argument("--objective", choices=("contrastive", "augment", "jigsaw"), default="contrastive",
+                   help="contrastive: cross-modal InfoNCE between the modalities of a sample; augment: NT-Xent between two "
+                        "views; jigsaw: which of 64 permutations shuffled the 3 x 3 tiles (image-like modalities)")
     p.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: trainer.epochs)")
     p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the objective")
 
@@ -285,7 +286,9 @@ def cmd_pretrain(args) -> int:
     cfg = _config(args)
     summary = run_pretrain(splits_for(args.dataset, cfg), cfg, Path(args.out), args.seed, args.objective,
                            epochs=args.epochs, temperature=args.temperature)
-    print(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "permutations"}, indent=1))
+    if "note" in summary:
+        print(summary["note"], file=sys.stderr)
     return 0
 
 

@@ -24,14 +24,17 @@ BatchPrediction = tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]
 
 
 @torch.no_grad()
-def predict_batches(model, method, loader, device: torch.device) -> list[BatchPrediction]:
-    """``method.predict`` and the unimodal logits of every batch of ``loader``, in eval mode."""
+def predict_batches(model, method, loader, device: torch.device, on_output=None) -> list[BatchPrediction]:
+    """``method.predict`` and the unimodal logits of every batch of ``loader``, in eval mode.
+    ``on_output(output, batch)``, when given, sees every batch's model output (learning curves)."""
     was_training = model.training
     model.eval()
     batches = []
     for batch in loader:
         batch = batch.to(device)
         out = model(batch)
+        if on_output is not None:
+            on_output(out, batch)
         batches.append((method.predict(out, batch).float().cpu(), batch.labels.cpu(), batch.present.cpu(),
                         {m: z.float().cpu() for m, z in out.unimodal_logits.items()}))
     model.train(was_training)

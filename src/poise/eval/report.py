@@ -71,7 +71,7 @@ TEST_SELECTED_NOTE = ("`test-selected accuracy (released protocol)`: the epoch o
 
 
 def write_report(results: dict, out: Path) -> Path:
-    plots = write_plots(results, out)
+    plots = write_plots(results, out) + write_learning_curves(results, out)
     text = [
         f"# poise bench: {results['dataset']}",
         "",
@@ -182,4 +182,66 @@ def write_plots(results: dict, out: Path) -> list[str]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
         save(fig, "method_records.png")
+    return written
+
+
+def write_learning_curves(results: dict, out: Path) -> list[str]:
+    """learning_curves.png: per method (rows) and head (columns: fused, then each modality), the training
+    loss (solid) and validation loss (dashed) over epochs, mean over seeds, as in G-Blend's
+    learning-curve figure; modality_gap.png: the gap between each pair of modalities' feature centroids
+    over epochs, for the runs whose fusion puts features in one space. Runs without these logs are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {k: v for k, v in group_runs(results).items()
+              if any(h.get("head_train_loss") for r in v for h in r["history"])}
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=80)
+        plt.close(fig)
+        tmp.replace(out / name)
+        written.append(name)
+
+    if groups:
+        heads = list(dict.fromkeys(k for v in groups.values() for r in v for h in r["history"]
+                                   for k in h.get("head_train_loss", {})))
+        fig, axes = plt.subplots(len(groups), len(heads), figsize=(3.0 * len(heads), 2.3 * len(groups)), squeeze=False)
+        for row, (method, runs) in zip(axes, groups.items()):
+            for ax, head in zip(row, heads):
+                train = _curves(runs, lambda h, k=head: h.get("head_train_loss", {}).get(k))
+                val = _curves(runs, lambda h, k=head: (h.get("val") or {}).get("head_loss", {}).get(k))
+                if train is None and val is None:
+                    ax.axis("off")
+                    continue
+                if train is not None:
+                    ax.plot(train, color="C0", label="train")
+                if val is not None:
+                    ax.plot(val, color="C1", linestyle="--", label="validation")
+                ax.set_title(f"{method}: {head}", fontsize=8)
+                ax.set_xlabel("epoch", fontsize=7)
+                ax.set_ylabel("CE loss", fontsize=7)
+                ax.tick_params(labelsize=6)
+                ax.legend(fontsize=6)
+        save(fig, "learning_curves.png")
+
+    with_gap = {k: v for k, v in group_runs(results).items()
+                if any((h.get("val") or {}).get("modality_gap") for r in v for h in r["history"])}
+    if with_gap:
+        fig, ax = plt.subplots(figsize=(5.0, 3.2))
+        for i, (method, runs) in enumerate(with_gap.items()):
+            pairs = list(dict.fromkeys(k for r in runs for h in r["history"] for k in (h.get("val") or {}).get("modality_gap", {})))
+            for j, pair in enumerate(pairs):
+                c = _curves(runs, lambda h, k=pair: (h.get("val") or {}).get("modality_gap", {}).get(k))
+                if c is not None:
+                    ax.plot(c, color=f"C{i % 10}", linestyle=["-", "--", ":", "-."][j % 4], label=f"{method} {pair}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("centroid distance")
+        ax.set_title("modality gap (validation)", fontsize=9)
+        ax.legend(fontsize=6)
+        save(fig, "modality_gap.png")
     return written

@@ -12,7 +12,15 @@ from poise.functional.extensions import (
     uncertainty_weighted_loss,
     weak_boost_coefficients,
 )
+from poise.functional.curves import (
+    centroid_gaps,
+    modality_gap,
+    normalized_feature_sums,
+    overfitting_to_generalization_ratio,
+    overfitting_to_generalization_ratios,
+)
 from poise.functional.gblend import gblend_weights
+from poise.functional.jigsaw import jigsaw_permutations, jigsaw_tile_size, jigsaw_tiles, shuffle_tiles
 from poise.functional.mla import (
     entropy_fusion_weights,
     entropy_fusion_weights_released,
@@ -55,6 +63,15 @@ __all__ = [
     "fixed_fusion_weights",
     "fuse_logits",
     "gblend_weights",
+    "centroid_gaps",
+    "modality_gap",
+    "normalized_feature_sums",
+    "overfitting_to_generalization_ratio",
+    "overfitting_to_generalization_ratios",
+    "jigsaw_permutations",
+    "jigsaw_tile_size",
+    "jigsaw_tiles",
+    "shuffle_tiles",
     "owm_project",
     "owm_update",
     "owm_update_released",

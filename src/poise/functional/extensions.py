@@ -72,16 +72,27 @@ def weak_boost_coefficients(
     return {m: k[i] for i, m in enumerate(names)}, {m: ratios[i] for i, m in enumerate(names)}
 
 
-def uncertainty_weighted_loss(losses: Tensor, log_variances: Tensor, active: Tensor | None = None) -> Tensor:
-    """Per-term contributions ``exp(-s_t) * L_t + s_t`` of the uncertainty-weighted multi-task loss
-    (Kendall et al., CVPR 2018), with ``s_t = log sigma_t^2``; their sum is the loss.
+UncertaintyForm = Literal["classification", "regression"]
 
-    This is ``L_t / sigma_t^2 + 2 log sigma_t``: twice Kendall's regression form
-    ``L_t / (2 sigma_t^2) + log sigma_t``, so its minimiser in ``s_t`` is ``exp(-s_t) = 1 / L_t``.
+
+def uncertainty_weighted_loss(
+    losses: Tensor, log_variances: Tensor, active: Tensor | None = None, form: UncertaintyForm = "classification"
+) -> Tensor:
+    """Per-term contributions of the uncertainty-weighted multi-task loss (Kendall et al., CVPR 2018),
+    with ``s_t = log sigma_t^2``; their sum is the loss.
+
+    ``form="classification"``: ``exp(-s_t) * L_t + s_t / 2``, Kendall's form for a cross-entropy term
+    (a softmax scaled by ``1 / sigma_t^2``: ``L_t / sigma_t^2 + log sigma_t``); minimiser
+    ``exp(-s_t) = 1 / (2 L_t)``.
+    ``form="regression"``: ``exp(-s_t) * L_t + s_t``, twice Kendall's regression form
+    ``L_t / (2 sigma_t^2) + log sigma_t``; minimiser ``exp(-s_t) = 1 / L_t``.
     ``active`` (T,) bool zeroes whole terms (loss and regulariser) that had no sample this step, so
     that ``s_t`` is not driven down by its regulariser alone.
     """
-    contributions = torch.exp(-log_variances) * losses + log_variances
+    if form not in ("classification", "regression"):
+        raise ValueError(f"form must be 'classification' or 'regression', got {form!r}")
+    regulariser = log_variances / 2 if form == "classification" else log_variances
+    contributions = torch.exp(-log_variances) * losses + regulariser
     if active is not None:
         contributions = contributions * active.to(contributions.dtype)
     return contributions

@@ -21,7 +21,9 @@ from poise.functional.extensions import (
     uncertainty_weighted_loss,
     weak_boost_coefficients,
 )
+from poise.functional.teachers import feature_distillation_losses
 from poise.methods.base import Method, MethodParams, StepPlan
+from poise.methods.teachers import check_checkpoints, unimodal_models, validation_accuracy
 
 if TYPE_CHECKING:
     from poise.data.base import DatasetInfo
@@ -135,12 +137,18 @@ class BoostWeak(Method):
 class UncertaintyParams(MethodParams):
     init_log_variance: float = Field(0.0, description="initial s_t = log sigma_t^2 of every term (0: weight 1)")
     lr: float | None = Field(None, gt=0, description="learning rate of the log-variances (none: trainer.lr)")
+    form: Literal["classification", "regression"] = Field(
+        "classification",
+        description="classification: exp(-s) L + s / 2 (Kendall's form for cross-entropy terms); "
+        "regression: exp(-s) L + s",
+    )
 
 
 class UncertaintyWeighting(Method):
     """Fused and unimodal cross-entropies weighted by learned homoscedastic uncertainty (Kendall et al.,
-    CVPR 2018): ``L = sum_t exp(-s_t) L_t + s_t`` over t in {fused, each modality}, ``s_t = log sigma_t^2``
-    learned with the model (own param group, no weight decay). Prediction: the fused logits."""
+    CVPR 2018): ``L = sum_t exp(-s_t) L_t + s_t / 2`` over t in {fused, each modality} (Kendall's form
+    for cross-entropy terms; ``form=regression``: ``+ s_t``), ``s_t = log sigma_t^2`` learned with the
+    model (own param group, no weight decay). Prediction: the fused logits."""
 
     name = "uncertainty"
     Params: ClassVar[type[MethodParams]] = UncertaintyParams
@@ -171,7 +179,8 @@ class UncertaintyWeighting(Method):
             per_sample = F.cross_entropy(output.unimodal_logits[m], batch.labels, reduction="none")
             losses.append((per_sample * rows).sum() / rows.sum().clamp_min(1))
             active.append(rows.any())
-        contributions = uncertainty_weighted_loss(torch.stack(losses), self.log_variances, torch.stack(active))
+        contributions = uncertainty_weighted_loss(torch.stack(losses), self.log_variances, torch.stack(active),
+                                                  self.params.form)
         weights = torch.exp(-self.log_variances.detach())
         for i, t in enumerate(self.terms):
             self.record(f"weight/{t}", weights[i])
@@ -197,18 +206,53 @@ class UncertaintyWeighting(Method):
 class DistillParams(MethodParams):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    mode: Literal["online", "offline"] = Field(
+        "online",
+        description="online: the teacher is a modality's own head inside the joint model; offline: a separately "
+        "trained one-modality model (the reading notes' three stages)",
+    )
     lambda_: float = Field(1.0, ge=0, alias="lambda", description="weight of the distillation term added to the fused CE")
     temperature: float = Field(2.0, gt=0, description="softmax temperature T of teacher and student (loss scaled by T^2)")
-    teacher: str | None = Field(None, description="fixed teacher modality (none: the highest confidence ratio, per batch)")
+    teacher: str | None = Field(
+        None,
+        description="fixed teacher modality (none: online, the highest confidence ratio per batch; offline, the "
+        "unimodal model with the highest validation accuracy)",
+    )
     students: Literal["all", "weakest"] = Field(
         "all", description="distil into every non-teacher modality (all) or only the lowest-ratio one (weakest)"
     )
+    teacher_epochs: int | None = Field(None, ge=1, description="offline: epochs of the teacher's training (default: trainer.epochs)")
+    teacher_checkpoints: dict[str, str] = Field(
+        default_factory=dict, description="offline: modality -> best.pt of a unimodal run, used instead of training it"
+    )
+    align_weight: float = Field(
+        0.0, ge=0,
+        description="offline: weight of the MSE between a learned linear projection of each student's encoder "
+        "feature and the teacher's encoder feature (0: no alignment)",
+    )
+
+    @model_validator(mode="after")
+    def _offline_options(self):
+        if self.mode == "online":
+            offline = [k for k in ("teacher_epochs", "align_weight") if getattr(self, k)] + (
+                ["teacher_checkpoints"] if self.teacher_checkpoints else [])
+            if offline:
+                raise ValueError(f"{', '.join(offline)} {'apply' if len(offline) > 1 else 'applies'} only with mode offline")
+        return self
 
 
 class Distill(Method):
     """Knowledge distillation from the stronger modality to the weaker: fused CE plus
-    ``lambda * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))`` on the unimodal logits, the
-    teacher detached and chosen per batch by confidence ratio (or fixed). Prediction stays fused."""
+    ``lambda * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))`` on the students' unimodal
+    logits, the teacher detached. Prediction stays fused.
+
+    ``mode=online``: the teacher is the strongest modality's own unimodal head inside the joint model,
+    chosen per batch by confidence ratio (or fixed). ``mode=offline`` (the reading notes' recipe): a
+    one-modality model trained first on the strong modality alone with the labels (or loaded from the
+    ``best.pt`` of a unimodal run), frozen; with ``align_weight`` > 0 each student's encoder feature is
+    also mapped by a learned linear projection onto the teacher's encoder feature, ``align_weight *
+    MSE(P_m h_m, t)``. Without a fixed teacher a unimodal model of every modality is trained and the one
+    with the highest validation accuracy teaches."""
 
     name = "distill"
     Params: ClassVar[type[MethodParams]] = DistillParams
@@ -221,20 +265,80 @@ class Distill(Method):
         teacher = self.params.teacher
         if teacher is not None and teacher not in modalities:
             raise IncompatibleError(f"distill teacher '{teacher}' is not a trained modality{closest(teacher, modalities)}")
+        check_checkpoints(self.name, self.params.teacher_checkpoints, modalities)
+        others = sorted(set(self.params.teacher_checkpoints) - {teacher}) if teacher is not None else []
+        if others:
+            raise IncompatibleError(f"method.distill: teacher_checkpoints names '{others[0]}', but the teacher is fixed "
+                                    f"to '{teacher}'")
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
         self._teacher_index = None if self.params.teacher is None else ctx.model.modalities.index(self.params.teacher)
+        self.teacher_model: nn.Module | None = None
+        self.projections: nn.ModuleDict | None = None
+        if self.params.mode == "offline":
+            self._setup_offline_teacher(ctx)
+
+    def _setup_offline_teacher(self, ctx: TrainContext) -> None:
+        p = self.params
+        candidates = (p.teacher,) if p.teacher is not None else ctx.model.modalities
+        models = unimodal_models(ctx, candidates, p.teacher_checkpoints, p.teacher_epochs)
+        accuracy = {m: validation_accuracy(ctx, model, m) for m, model in models.items()}
+        for m, acc in accuracy.items():
+            self.record(f"teacher_val_accuracy/{m}", acc)
+        teacher = max(candidates, key=lambda m: accuracy[m])  # ties: the first modality
+        self._teacher_index = ctx.model.modalities.index(teacher)
+        self.teacher_modality = teacher
+        self.teacher_model = models[teacher]
+        if p.align_weight > 0:
+            width = self.teacher_model.fusion.feature_dims[teacher]
+            self.projections = nn.ModuleDict({
+                m: nn.Linear(ctx.model.fusion.feature_dims[m], width) for m in ctx.model.modalities if m != teacher
+            }).to(ctx.device)
+            ctx.optimizer.add_param_group({"params": list(self.projections.parameters())})
 
     def loss(self, output: ModelOutput, batch: MultimodalBatch) -> dict[str, Tensor]:
         ce = F.cross_entropy(output.logits, batch.labels)
         ratios, valid = batch_confidence_ratios(output.unimodal_logits, batch.labels, batch.present)
         teacher, students = distillation_roles(ratios, valid, self._teacher_index, self.params.students)
-        kd = cross_modal_distillation(output.unimodal_logits, teacher, students, self.params.temperature, batch.present)
+        logits = output.unimodal_logits
+        teacher_features = None
+        if self.teacher_model is not None:
+            with torch.no_grad():
+                taught = self.teacher_model(batch)
+            logits = {**logits, self.teacher_modality: taught.logits}
+            teacher_features = taught.features[self.teacher_modality]
+        kd = cross_modal_distillation(logits, teacher, students, self.params.temperature, batch.present)
         for i, m in enumerate(output.unimodal_logits):
             self.record(f"teacher/{m}", teacher[i])
         self.record("kd", kd)
-        return {"ce": ce, "kd": self.params.lambda_ * kd}
+        terms = {"ce": ce, "kd": self.params.lambda_ * kd}
+        if self.projections is not None:
+            align = self._alignment(output, batch, teacher_features, students)
+            self.record("align", align)
+            terms["align"] = self.params.align_weight * align
+        return terms
+
+    def _alignment(self, output: ModelOutput, batch: MultimodalBatch, teacher_features: Tensor,
+                   students: Tensor) -> Tensor:
+        """Student-weighted mean over the students of ``MSE(P_m h_m, t)`` over the samples that have both."""
+        has_teacher = batch.present_of(self.teacher_modality)
+        names = list(self.projections)
+        projected = {m: self.projections[m](output.features[m]) for m in names}
+        losses = feature_distillation_losses(projected, {m: teacher_features for m in names},
+                                             {m: batch.present_of(m) & has_teacher for m in names})
+        modalities = list(output.unimodal_logits)
+        weights = torch.stack([students[modalities.index(m)] for m in names])
+        return (weights * torch.stack([losses[m] for m in names])).sum() / weights.sum().clamp_min(1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.projections is None:
+            return {}
+        return {"projections": {k: v.detach().clone() for k, v in self.projections.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and self.projections is not None:
+            self.projections.load_state_dict(state["projections"])
 
 
 # ---- modality_dropout ------------------------------------------------------------------------------

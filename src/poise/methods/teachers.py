@@ -131,7 +131,7 @@ def validation_accuracy(ctx: TrainContext, model: MultimodalModel, modality: str
     return evaluate_split(model, Joint(), loader, ctx.info.num_classes, ctx.device)["accuracy"]
 
 
-def _check_checkpoints(method: str, checkpoints: dict[str, str], modalities: tuple[str, ...]) -> None:
+def check_checkpoints(method: str, checkpoints: dict[str, str], modalities: tuple[str, ...]) -> None:
     for m, path in checkpoints.items():
         if m not in modalities:
             raise ConfigError(f"method.{method}: checkpoint given for unknown modality '{m}'{closest(m, modalities)}")
@@ -163,7 +163,7 @@ class UMT(Method):
 
     def check(self, info, modalities, fusion):
         super().check(info, modalities, fusion)
-        _check_checkpoints(self.name, self.params.teacher_checkpoints, modalities)
+        check_checkpoints(self.name, self.params.teacher_checkpoints, modalities)
 
     def setup(self, ctx):
         super().setup(ctx)
@@ -236,7 +236,7 @@ class UME(Method):
 
     def check(self, info, modalities, fusion):
         super().check(info, modalities, fusion)
-        _check_checkpoints(self.name, self.params.member_checkpoints, modalities)
+        check_checkpoints(self.name, self.params.member_checkpoints, modalities)
 
     def setup(self, ctx):
         super().setup(ctx)
@@ -269,4 +269,4 @@ class UME(Method):
         return ensemble_logits(output.unimodal_logits, present, self.params.combine)
 
 
-__all__ = ["UME", "UMT", "load_unimodal_model", "train_unimodal_model", "unimodal_models", "unimodal_run_config"]
+__all__ = ["UME", "UMT", "check_checkpoints", "load_unimodal_model", "train_unimodal_model", "unimodal_models", "unimodal_run_config"]

@@ -20,6 +20,9 @@ class Fusion(nn.Module):
     """Base class. ``forward(features)`` returns ``(fused_logits, unimodal_logits)``."""
 
     decomposable: bool = True
+    #: the fusion treats every modality's features as points of one space (one head for all, or a sum of
+    #: per-modality heads): the modality gap between them is meaningful and is logged
+    shares_feature_space: bool = False
 
     def __init__(self, feature_dims: dict[str, int], num_classes: int):
         super().__init__()
@@ -62,6 +65,8 @@ class ConcatFusion(Fusion):
 class SumFusion(Fusion):
     """``sum_m fc_m(h_m)``; ``z_m = fc_m(h_m)`` with its full bias."""
 
+    shares_feature_space = True
+
     def __init__(self, feature_dims: dict[str, int], num_classes: int):
         super().__init__(feature_dims, num_classes)
         self.fc = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in feature_dims.items()})
@@ -78,6 +83,8 @@ class SumFusion(Fusion):
 class SharedHeadFusion(Fusion):
     """One linear head shared by every modality (MLA): ``z_m = g(h_m)``, fused = mean over modalities.
     All modalities must have the same feature size."""
+
+    shares_feature_space = True
 
     def __init__(self, feature_dims: dict[str, int], num_classes: int):
         super().__init__(feature_dims, num_classes)

@@ -11,14 +11,22 @@ from __future__ import annotations
 import torch
 
 from poise.eval.metrics import predict_batches, score
-from poise.train.distributed import gather_strided, is_distributed
+from poise.train.distributed import all_reduce_sum, gather_strided, is_distributed
 
 
-def evaluate_split(model, method, loader, num_classes: int, device: torch.device) -> dict:
-    batches = predict_batches(model, method, loader, device)
+def evaluate_split(model, method, loader, num_classes: int, device: torch.device, curves=None) -> dict:
+    """``curves``: a :class:`poise.train.curves.ValidationCurves` that also adds up each head's loss
+    (and the modality gap); its sums are reduced over processes and its result merged in."""
+    batches = predict_batches(model, method, loader, device, on_output=curves)
     if is_distributed():
         batches = gather_strided(batches)
-    return score(batches, list(model.modalities), num_classes)
+    result = score(batches, list(model.modalities), num_classes)
+    if curves is not None:
+        if is_distributed():
+            for t in curves.tensors():
+                t.copy_(all_reduce_sum(t))
+        result.update(curves.result())
+    return result
 
 
 __all__ = ["evaluate_split"]

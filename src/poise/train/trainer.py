@@ -51,6 +51,7 @@ from poise.train.checkpoint import (
     set_rng_state,
     to_cpu,
 )
+from poise.train.curves import ValidationCurves, head_loss_sums, head_means, head_names, ogr_entry
 from poise.train.distributed import (
     all_gather_objects,
     all_reduce_sum,
@@ -183,6 +184,8 @@ class EpochStats:
     #: (M,) confidence scores of each step, summed over ranks only at the end of the epoch
     scores: list[Tensor] = field(default_factory=list)
     seconds: float = 0.0
+    #: (H, 2) summed cross-entropy and sample count of each head (fused, then each modality)
+    heads: Tensor | None = None
 
     def state(self) -> dict[str, Any]:
         return {
@@ -190,6 +193,7 @@ class EpochStats:
             "correct": None if self.correct is None else self.correct.cpu(),
             "seen": self.seen, "micro_batches": self.micro_batches, "steps": self.steps,
             "scores": torch.stack(self.scores).cpu() if self.scores else None, "seconds": self.seconds,
+            "heads": None if self.heads is None else self.heads.cpu(),
         }
 
     @classmethod
@@ -200,6 +204,7 @@ class EpochStats:
             correct=None if state["correct"] is None else state["correct"].to(device),
             seen=state["seen"], micro_batches=state["micro_batches"], steps=state["steps"],
             scores=[] if scores is None else [s.to(device) for s in scores.unbind(0)], seconds=state["seconds"],
+            heads=None if state.get("heads") is None else state["heads"].to(device),
         )
 
 
@@ -361,12 +366,15 @@ class Trainer:
                 if scheduler is not None:
                     scheduler.step()
                 broadcast_buffers(model)  # evaluate (and checkpoint) rank 0's norm statistics everywhere
-                val = evaluate_split(model, method, val_loader, self.splits.info.num_classes, self.device) if has_val else None
+                curves = ValidationCurves.for_model(model, self.device) if has_val else None
+                val = evaluate_split(model, method, val_loader, self.splits.info.num_classes, self.device, curves) if has_val else None
                 entry = {
                     "epoch": epoch,
                     "lr": optimizer.param_groups[0]["lr"],
                     **train_stats,
                     "val": val,
+                    "ogr": ogr_entry(self.history[-1] if self.history else None, train_stats["head_train_loss"],
+                                     val["head_loss"] if val is not None else {}),
                     "method": self._reduce_records(method.pop_records()),
                     "seconds": time.perf_counter() - epoch_start,
                 }
@@ -479,6 +487,8 @@ class Trainer:
                     stats.totals[k] = stats.totals.get(k, 0.0) + v.detach().float()
                 correct = (output.logits.detach().argmax(1) == batch.labels).sum()
                 stats.correct = correct if stats.correct is None else stats.correct + correct
+                heads = head_loss_sums(output, batch)
+                stats.heads = heads if stats.heads is None else stats.heads + heads
             stats.seen += len(batch)
             stats.micro_batches += 1
             ctx.step += 1
@@ -501,7 +511,10 @@ class Trainer:
         correct = float(stats.correct) if stats.correct is not None else 0.0
         seen = stats.seen
         scores = stats.scores
+        heads = stats.heads
         if is_distributed():
+            heads = all_reduce_sum(heads if heads is not None else torch.zeros(len(self.model.modalities) + 1, 2,
+                                                                                device=self.device))
             keys = list(terms_mean)
             means = all_reduce_sum(torch.tensor([terms_mean[k] for k in keys], dtype=torch.float64, device=self.device))
             terms_mean = {k: float(means[i]) / world_size() for i, k in enumerate(keys)}
@@ -521,6 +534,7 @@ class Trainer:
             "train_terms": terms_mean,
             "train_accuracy": correct / max(seen, 1),
             "confidence_ratio": {m: float(v) / n_steps for m, v in ratio_sums.items()},
+            "head_train_loss": head_means(heads, head_names(names)),
         }
 
     @staticmethod
