@@ -4,6 +4,7 @@ the estimation copies, the schedule, the blended loss and end-to-end training.""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +12,16 @@ import torch
 import torch.nn.functional as F
 
 import poise.methods.gblend as gblend_module
-from poise.config import build_config
+from poise.config import PRESET_DIR, build_config
 from poise.data import load_dataset
 from poise.errors import ConfigError, IncompatibleError
 from poise.functional import gblend_weights
-from poise.functional.gblend import gblend_raw_weights, mix_with_uniform, overfitting_to_generalization
+from poise.functional.gblend import (
+    gblend_raw_weights,
+    mix_with_uniform,
+    normalise_blend_weights,
+    overfitting_to_generalization,
+)
 from poise.methods import make_method
 from poise.methods.gblend import GradientBlending, mean_losses
 from poise.train import Trainer
@@ -94,22 +100,65 @@ def test_no_generalisation_gain_gets_zero_weight():
     assert gblend_weights(TRAIN_START, VAL_START, TRAIN_END, val_end)["visual"] == 0.0
 
 
-@pytest.mark.parametrize("train_end_visual", [1.1, 1.3])  # dO = 0, dO = -0.2
-def test_non_positive_overfitting_is_floored(train_end_visual):
+def test_negative_overfitting_uses_its_magnitude():
+    # the paper's OGR is |dO / dG|: a gap that shrank by 0.3 weighs as one that grew by 0.3
+    train_end = dict(TRAIN_END, visual=1.4)  # visual: dO = (1.2 - 1.4) - (1.3 - 1.2) = -0.3
+    # audio 0.3 / 0.2^2 = 7.5, visual 0.1 / 0.3^2 = 1.1111, fused 0.3 / 0.4^2 = 1.875
+    raw = gblend_raw_weights(TRAIN_START, VAL_START, train_end, VAL_END)
+    assert raw == pytest.approx({"audio": 7.5, "visual": 0.1 / 0.09, "fused": 1.875})
+    total = 7.5 + 0.1 / 0.09 + 1.875
+    w = gblend_weights(TRAIN_START, VAL_START, train_end, VAL_END)
+    assert w == pytest.approx({"audio": 7.5 / total, "visual": (0.1 / 0.09) / total, "fused": 1.875 / total})
+    # the sign of dO changes nothing: dO = +0.3 (train_end 0.8) gives the same raw weight
+    assert gblend_raw_weights(TRAIN_START, VAL_START, dict(TRAIN_END, visual=0.8), VAL_END)["visual"] == pytest.approx(
+        0.1 / 0.09)
+
+
+def test_every_head_with_negative_overfitting():
+    # avdigits seed 0 of the 2-epoch window: all three dO negative
+    # visual dG 1.5537 dO -0.0006, audio dG 0.0323 dO -0.0169, fused dG 1.3396 dO -0.0268
+    val_start = {"visual": 2.0, "audio": 2.0, "fused": 2.0}
+    val_end = {"visual": 2.0 - 1.5537, "audio": 2.0 - 0.0323, "fused": 2.0 - 1.3396}
+    train_start = {"visual": 2.0, "audio": 2.0, "fused": 2.0}
+    # O_end = O_start + dO = dO, so L^T_end = L^V_end - dO
+    train_end = {"visual": val_end["visual"] + 0.0006, "audio": val_end["audio"] + 0.0169,
+                 "fused": val_end["fused"] + 0.0268}
+    raw = {"visual": 1.5537 / 0.0006**2, "audio": 0.0323 / 0.0169**2, "fused": 1.3396 / 0.0268**2}
+    total = sum(raw.values())
+    w = gblend_weights(train_start, val_start, train_end, val_end)
+    assert w == pytest.approx({h: raw[h] / total for h in raw}, rel=1e-6)
+    # by hand: 4315833.3, 113.09, 1865.1 -> visual 0.99954, audio 0.0000262, fused 0.000432
+    assert w["visual"] == pytest.approx(0.99954, abs=1e-5) and w["fused"] == pytest.approx(0.000432, abs=2e-6)
+
+
+@pytest.mark.parametrize("train_end_visual", [1.1, 1.1 - 1e-6, 1.1 + 5e-5])  # dO ~ 0, 1e-6, -5e-5
+def test_overfitting_near_zero_is_guarded(train_end_visual):
     train_end = dict(TRAIN_END, visual=train_end_visual)
     raw = gblend_raw_weights(TRAIN_START, VAL_START, train_end, VAL_END)
     assert raw["visual"] == pytest.approx(0.1 / 1e-4**2)
     assert raw["audio"] == pytest.approx(7.5)
     raw = gblend_raw_weights(TRAIN_START, VAL_START, train_end, VAL_END, floor=0.05)
     assert raw["visual"] == pytest.approx(0.1 / 0.05**2)
-    # a small positive dO below the floor is raised to it as well
-    train_end = dict(TRAIN_END, visual=1.1 - 1e-6)
-    assert gblend_raw_weights(TRAIN_START, VAL_START, train_end, VAL_END, floor=0.05)["visual"] == pytest.approx(0.1 / 0.05**2)
+    # dO exactly 0 (losses exact in binary): dG / floor^2, no division by zero
+    # a: dG = 0.5, dO = (1.0 - 0.5) - (1.5 - 1.0) = 0; fused: dG = 0.5, dO = (1.0 - 0.75) - 0.5 = -0.25
+    exact = gblend_raw_weights({"a": 1.0, "fused": 1.0}, {"a": 1.5, "fused": 1.5}, {"a": 0.5, "fused": 0.75},
+                               {"a": 1.0, "fused": 1.0})
+    assert exact == pytest.approx({"a": 0.5 / 1e-8, "fused": 8.0})
+    # above the guard, |dO| is used as it is: dO = -0.06 with floor 0.05
+    train_end = dict(TRAIN_END, visual=1.16)
+    assert gblend_raw_weights(TRAIN_START, VAL_START, train_end, VAL_END, floor=0.05)["visual"] == pytest.approx(
+        0.1 / 0.06**2)
 
 
 def test_every_head_without_gain_gives_uniform_weights():
-    w = gblend_weights(TRAIN_START, VAL_START, TRAIN_END, {h: v + 0.5 for h, v in VAL_START.items()})
+    val_end = {h: v + 0.5 for h, v in VAL_START.items()}
+    w = gblend_weights(TRAIN_START, VAL_START, TRAIN_END, val_end)
     assert w == pytest.approx({"audio": 1 / 3, "visual": 1 / 3, "fused": 1 / 3})
+    raw = gblend_raw_weights(TRAIN_START, VAL_START, TRAIN_END, val_end)
+    assert raw == {"audio": 0.0, "visual": 0.0, "fused": 0.0}
+    assert normalise_blend_weights(raw) == ({"audio": 1 / 3, "visual": 1 / 3, "fused": 1 / 3}, True)
+    # one head with a gain: no fallback, it takes all the weight
+    assert normalise_blend_weights(dict(raw, fused=2.0)) == ({"audio": 0.0, "visual": 0.0, "fused": 1.0}, False)
 
 
 def test_mix_with_uniform():
@@ -299,26 +348,65 @@ def test_an_estimate_without_usable_losses_keeps_the_weights(monkeypatch):
     assert method.weights == first and method.history[-1]["estimated"] == {}
 
 
-def test_offline_estimates_once_and_online_on_schedule():
-    offline = GradientBlending({"mode": "offline"})
-    assert [e for e in range(20) if offline.is_estimation_epoch(e)] == [0]
-    online = GradientBlending({"mode": "online", "warmup_epochs": 10, "super_epoch": 5})
-    assert [e for e in range(30) if online.is_estimation_epoch(e)] == [0, 10, 15, 20, 25]
+def _schedule(method: GradientBlending, epochs: int) -> list[tuple[int, int]]:
+    """(epoch, window) of every estimate of an ``epochs``-epoch run."""
+    return [(e, method.estimation_window(e, epochs)) for e in range(epochs) if method.is_estimation_epoch(e)]
 
+
+def test_schedule_and_window_follow_the_papers_algorithms():
+    # Algorithm 1 (offline): one estimate from the initial model, its copies trained for the whole run
+    assert _schedule(GradientBlending({"mode": "offline"}), 20) == [(0, 20)]
+    # Algorithm 2 (online): an estimate at the start of every super-epoch, over that super-epoch
+    assert _schedule(GradientBlending({"mode": "online", "super_epoch": 5}), 20) == [(0, 5), (5, 5), (10, 5), (15, 5)]
+    # options: a fixed window (poise's earlier 2-epoch default) and a later first re-estimate
+    assert _schedule(GradientBlending({"mode": "offline", "estimate_epochs": 2}), 20) == [(0, 2)]
+    online = GradientBlending({"mode": "online", "warmup_epochs": 10, "super_epoch": 5})
+    assert _schedule(online, 30) == [(0, 10), (10, 5), (15, 5), (20, 5), (25, 5)]
+
+
+def test_the_shipped_preset_estimates_when_its_comment_says():
+    from poise.config import load_config_file
+
+    preset = load_config_file("cremad_gblend")
+    method = make_method("gblend", preset["method"]["gblend"])
+    epochs = preset["trainer"]["epochs"]
+    assert _schedule(method, epochs) == [(e, 5) for e in range(0, epochs, 5)]
+    assert "epochs 0, 5, ..., 95" in (Path(PRESET_DIR) / "cremad_gblend.yaml").read_text()
+
+
+def test_estimates_happen_at_the_scheduled_epochs_for_their_window(monkeypatch):
+    calls: list[int] = []  # the epoch of each estimation-copy training epoch
+    original = gblend_module.train_networks
+
+    def counting(networks, optimizers, loader, device, grad_clip):
+        calls.append(ctx_epoch[0])
+        original(networks, optimizers, loader, device, grad_clip)
+
+    monkeypatch.setattr(gblend_module, "train_networks", counting)
     cfg = _config(epochs=6)
     splits = _splits(cfg, num_samples=120)
-    method = make_method("gblend", {"mode": "online", "warmup_epochs": 3, "super_epoch": 2, "estimate_epochs": 1})
+
+    class Tracked(GradientBlending):
+        def estimate(self, epoch=None):
+            ctx_epoch[0] = epoch
+            return super().estimate(epoch)
+
+    ctx_epoch = [None]
+    method = Tracked({"mode": "online", "super_epoch": 2})
     result = Trainer(splits, method, cfg, seed=0).fit()
-    assert [h["epoch"] for h in method.history] == [0, 3, 5]
+    assert [(h["epoch"], h["window"]) for h in method.history] == [(0, 2), (2, 2), (4, 2)]
+    assert calls == [0, 0, 2, 2, 4, 4]
     # the weights in force each epoch are the ones estimated last
     for entry in result.history:
         last = [h for h in method.history if h["epoch"] <= entry["epoch"]][-1]
         for head, w in last["weights"].items():
             assert entry["method"][f"weight/{head}"] == pytest.approx(w, abs=1e-6)
 
-    method = make_method("gblend", {"mode": "offline", "estimate_epochs": 1})
+    calls.clear()
+    method = Tracked({"mode": "offline"})
     Trainer(splits, method, cfg, seed=0).fit()
-    assert [h["epoch"] for h in method.history] == [0]
+    assert [(h["epoch"], h["window"]) for h in method.history] == [(0, 6)]
+    assert calls == [0] * 6
 
 
 def test_loss_is_the_weighted_sum_of_a_naive_reference():
@@ -374,8 +462,9 @@ def test_trains_end_to_end(modalities, missing_rate):
     assert result.test["accuracy"] > 1.5 / splits.info.num_classes
     assert [h["epoch"] for h in method.history] == [0, 2]
     for entry in result.history:
-        assert set(entry["method"]) == {f"weight/{h}" for h in heads}
-        assert sum(entry["method"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert set(entry["method"]) == {f"weight/{h}" for h in heads} | {"fallback_uniform"}
+        assert sum(entry["method"][f"weight/{h}"] for h in heads) == pytest.approx(1.0, abs=1e-5)
+        assert entry["method"]["fallback_uniform"] == 0.0
         assert all(np.isfinite(entry["train_terms"][f"ce_{h}"]) for h in heads)
 
 

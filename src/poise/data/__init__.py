@@ -1,4 +1,4 @@
-from poise.data.base import DatasetInfo, DataSplits, ModalitySpec, TensorMultimodalDataset
+from poise.data.base import DatasetInfo, DataSplits, ModalitySpec, TensorMultimodalDataset, evaluation_view
 from poise.data.batch import MultimodalBatch, collate
 from poise.data.registry import DATASETS, load_dataset
 
@@ -10,5 +10,6 @@ __all__ = [
     "MultimodalBatch",
     "TensorMultimodalDataset",
     "collate",
+    "evaluation_view",
     "load_dataset",
 ]

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from poise.errors import DataError
 
@@ -97,6 +97,17 @@ class DataSplits:
 
     def split(self, name: str) -> Dataset:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+def evaluation_view(dataset: Dataset) -> Dataset:
+    """The same samples read with the deterministic evaluation-time transforms (no random crop, flip or
+    frame choice), for measurements taken on the training split: the linear probe's features, G-Blend's
+    losses. A dataset that draws training augmentation offers ``evaluation_view()``; in-memory tensors
+    have none and come back as they are. A ``Subset`` keeps its indices over the view of its dataset."""
+    if isinstance(dataset, Subset):
+        return Subset(evaluation_view(dataset.dataset), dataset.indices)
+    view = getattr(dataset, "evaluation_view", None)
+    return view() if callable(view) else dataset
 
 
 def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:

@@ -87,6 +87,12 @@ class LazyMultimodalDataset(Dataset):
         return LazyMultimodalDataset(self.readers, self.all_labels, self.origins, self.rows[rows],
                                      self.train if train is None else train, self.present[torch.from_numpy(rows)])
 
+    def evaluation_view(self) -> LazyMultimodalDataset:
+        """The same records read with the deterministic evaluation transforms."""
+        if not self.train:
+            return self
+        return LazyMultimodalDataset(self.readers, self.all_labels, self.origins, self.rows, False, self.present)
+
     def with_present(self, present: Tensor) -> LazyMultimodalDataset:
         return LazyMultimodalDataset(self.readers, self.all_labels, self.origins, self.rows, self.train,
                                      self.present & present.bool())

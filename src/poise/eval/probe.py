@@ -2,7 +2,9 @@
 
 A fresh multinomial logistic regression (scikit-learn, deterministic L-BFGS) is fitted on the frozen,
 standardised features of the training split and scored on the test split, per modality, over the
-samples that have that modality.
+samples that have that modality. Both splits are read with the evaluation-time transforms (the trainer
+passes ``poise.data.evaluation_view`` of the training split), so the features are a function of the
+encoder alone, not of a random crop or flip.
 """
 
 from __future__ import annotations

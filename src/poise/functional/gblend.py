@@ -9,14 +9,18 @@ its mean loss on a train subset T' (``L^T``) and on a held-out split V carved fr
     dO_i = O_{i,N+n} - O_{i,N}             (overfitting gained)
     w_i  proportional to dG_i / dO_i^2,    normalised to sum to 1.
 
-Degenerate cases of the paper form, decided per head:
+The paper's overfitting-to-generalisation ratio is ``OGR = |dO / dG|``: the sign of ``dO`` does not matter,
+so a head whose held-out/train gap shrank (``dO < 0``) is weighted by ``dG / dO^2`` like one whose gap grew
+by as much. Degenerate cases, decided per head:
 
-- ``dG_i <= 0`` (the held-out loss did not fall): raw weight 0; training that head any further does not
-  help generalisation.
-- ``dO_i < floor`` (overfitting grew by less than ``floor``, did not change, or shrank) while
-  ``dG_i > 0``: ``dO_i`` is raised to ``floor`` (1e-4 by default), so the head gets the largest raw
-  weight the formula allows; several such heads share by their ``dG``.
-- every raw weight 0 (no head generalised better): uniform weights ``1 / K``.
+- ``dG_i <= 0`` (the held-out loss did not fall): weight 0; training that head further does not help
+  generalisation.
+- ``|dO_i| < floor`` (1e-4 by default) while ``dG_i > 0``: ``|dO_i|`` is raised to ``floor``. The formula's
+  weight grows without bound as ``dO -> 0``; the guard caps it at ``dG_i / floor^2``, so such a head takes
+  nearly all the weight (several such heads share it by their ``dG``), and ``dO = 0`` does not divide by 0.
+  The guard touches only ``|dO|`` below ``floor``: a clearly negative ``dO`` is used as it is.
+- every head has ``dG_i <= 0`` (no head generalised better): uniform weights ``1 / K``; the fallback is
+  reported (:func:`normalise_blend_weights`).
 
 The MultiBench form (``form="multibench"``, ``training_structures/gradient_blend.py`` with its default
 ``delta = False``) uses no deltas: ``G_i = L^V_{i,N+n}`` and ``O_i = L^V_{i,N+n} - L^T_{i,N+n}``,
@@ -80,7 +84,7 @@ def gblend_raw_weights(
     if form == "paper":
         raw = {}
         for h, (gain, overfit) in overfitting_to_generalization(train_start, val_start, train_end, val_end).items():
-            raw[h] = 0.0 if gain <= 0 else gain / max(overfit, floor) ** 2
+            raw[h] = 0.0 if gain <= 0 else gain / max(abs(overfit), floor) ** 2
         return raw
     if form == "multibench":
         names = _check_losses({"train_start": train_start, "val_start": val_start, "train_end": train_end, "val_end": val_end})
@@ -93,6 +97,15 @@ def gblend_raw_weights(
             raw[h] = abs(generalization) / overfit**2
         return raw
     raise ValueError(f"unknown Gradient-Blending form '{form}' (expected 'paper' or 'multibench')")
+
+
+def normalise_blend_weights(raw: dict[str, float]) -> tuple[dict[str, float], bool]:
+    """Raw weights scaled to sum to 1, and whether they fell back to uniform ``1 / K`` (every raw weight
+    0: no head's held-out loss fell)."""
+    total = sum(raw.values())
+    if total <= 0 or not math.isfinite(total):
+        return {h: 1.0 / len(raw) for h in raw}, True
+    return {h: w / total for h, w in raw.items()}, False
 
 
 def gblend_weights(
@@ -109,13 +122,11 @@ def gblend_weights(
     Each argument maps head name (modality names and ``"fused"``) to a mean loss: train subset T' and
     held-out split V at checkpoint N (``*_start``) and N + n (``*_end``). ``form="paper"``:
     ``w_i ~ dG_i / dO_i^2`` with the guard rule of the module docstring; ``form="multibench"``:
-    ``w_i ~ L^V_{i,N+n} / O_{i,N+n}^2``. When every raw weight is 0 the weights are uniform.
+    ``w_i ~ L^V_{i,N+n} / O_{i,N+n}^2``. When every raw weight is 0 the weights are uniform
+    (:func:`normalise_blend_weights` also says whether that happened).
     """
     raw = gblend_raw_weights(train_start, val_start, train_end, val_end, form=form, floor=floor)
-    total = sum(raw.values())
-    if total <= 0 or not math.isfinite(total):
-        return {h: 1.0 / len(raw) for h in raw}
-    return {h: w / total for h, w in raw.items()}
+    return normalise_blend_weights(raw)[0]
 
 
 def mix_with_uniform(weights: dict[str, float], min_weight: float) -> dict[str, float]:
@@ -133,5 +144,6 @@ __all__ = [
     "gblend_raw_weights",
     "gblend_weights",
     "mix_with_uniform",
+    "normalise_blend_weights",
     "overfitting_to_generalization",
 ]

@@ -7,18 +7,25 @@ method owns one ``Linear(d_m, C)`` per modality, created in ``setup`` and traine
 
 The weights come from GB-Estimate: from the current state (checkpoint N), a copy of each unimodal
 network (encoder + its head) and of the naive fused network (the whole model trained on the fused
-cross-entropy) is trained for ``estimate_epochs`` epochs on a subset T' of the training data; the mean
-losses of every copy on T' and on a held-out split V at N and N + n give the weights
+cross-entropy) is trained for n epochs on a subset T' of the training data; the mean losses of every
+copy on T' and on a held-out split V at N and N + n give the weights
 (:func:`poise.functional.gblend.gblend_weights`). V is carved from the training split once per run and
 never trained on; the model-selection validation split and the test split are never touched. The copies
-have their own optimizers; the real model, its heads and its optimizer are left as they were.
+have their own optimizers; the real model, its heads and its optimizer are left as they were. The copies
+train with the training augmentation, but the four losses are measured on the evaluation-time views of
+the samples (no random crop, flip or frame choice), so that they change only because the copies learned.
 
 The copies start at the run's current learning rate with fresh optimizer state. The estimated weights
 can be mixed with uniform (``min_weight``) so that no head, the fused one above all, stops training.
 
-Offline mode estimates once, before the first epoch. Online mode estimates before the first epoch,
-then after ``warmup_epochs`` epochs and every ``super_epoch`` epochs after that. An estimate runs inside
-``on_epoch_start``, so its time counts in the epoch's time.
+The schedule and the window n follow the paper's two algorithms. Offline (Algorithm 1): one estimate
+from the initial model, GB-Estimate(phi_0, N), whose copies train for the whole run (n = N =
+``trainer.epochs``), then training with those fixed weights. Online (Algorithm 2): training is cut into
+super-epochs of ``super_epoch`` epochs; at the start of each (epochs 0, s, 2s, ...) the weights are
+re-estimated from the current model over the super-epoch's window, GB-Estimate(phi_{i s}, s).
+``estimate_epochs`` fixes n instead (poise's earlier default was 2); ``warmup_epochs`` moves the first
+re-estimate (estimates at 0, w, w + s, w + 2s, ...). An estimate runs inside ``on_epoch_start``, so its
+time counts in the epoch's time.
 
 Samples without a modality count in neither that modality's loss term nor its estimation losses. Mean
 losses are reduced over ranks as (sum of losses, count); the copies themselves are not synchronised.
@@ -38,9 +45,14 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from poise.data.base import stratified_split
+from poise.data.base import evaluation_view, stratified_split
 from poise.errors import IncompatibleError
-from poise.functional.gblend import DEFAULT_OVERFITTING_FLOOR, gblend_weights, mix_with_uniform
+from poise.functional.gblend import (
+    DEFAULT_OVERFITTING_FLOOR,
+    gblend_raw_weights,
+    mix_with_uniform,
+    normalise_blend_weights,
+)
 from poise.methods.base import Method, MethodParams
 from poise.models.encoders import init_weights
 from poise.train.distributed import all_reduce_sum, average_gradients, is_distributed
@@ -56,16 +68,23 @@ FUSED = "fused"
 
 class GBlendParams(MethodParams):
     mode: Literal["offline", "online"] = Field(
-        "offline", description="offline: estimate the weights once before training; online: re-estimate on a schedule"
+        "offline",
+        description="offline: estimate the weights once, from the initial model, then train with them; "
+                    "online: re-estimate at the start of every super-epoch",
     )
-    warmup_epochs: int = Field(
-        5, ge=1, description="online: epochs before the first re-estimate (the paper uses 10 on Kinetics)"
+    super_epoch: int = Field(5, ge=1, description="online: super-epoch length s, estimates at epochs 0, s, 2s, ...")
+    warmup_epochs: int | None = Field(
+        None, ge=1,
+        description="online: epoch of the first re-estimate (None: one super-epoch, as in the paper's algorithm)",
     )
-    super_epoch: int = Field(5, ge=1, description="online: epochs between later re-estimates (the paper uses 5)")
     holdout_fraction: float = Field(
         0.1, gt=0, lt=1, description="share of the training split held out as V (not trained on); the paper uses 8-13%"
     )
-    estimate_epochs: int = Field(2, ge=1, description="n: epochs each estimation copy trains for")
+    estimate_epochs: int | None = Field(
+        None, ge=1,
+        description="n: epochs each estimation copy trains for (None: the paper's window, the whole run offline "
+                    "and the epochs to the next estimate online)",
+    )
     estimate_subset: float = Field(
         1.0, gt=0, description="training data T' used for estimation: a fraction if <= 1, else a sample count"
     )
@@ -73,7 +92,8 @@ class GBlendParams(MethodParams):
         "paper", description="paper: w ~ dG / dO^2; multibench: w ~ L^V_{N+n} / O_{N+n}^2 with O floored"
     )
     overfitting_floor: float = Field(
-        DEFAULT_OVERFITTING_FLOOR, gt=0, description="floor of the overfitting term (dO, or O for multibench)"
+        DEFAULT_OVERFITTING_FLOOR, gt=0,
+        description="paper: guard on |dO| (only |dO| below it is raised to it); multibench: floor of O",
     )
     min_weight: float = Field(
         0.0, ge=0, lt=0.5,
@@ -179,12 +199,15 @@ class GradientBlending(Method):
         super().__init__(params, **kwargs)
         self.heads: nn.ModuleDict | None = None
         self.weights: dict[str, float] = {}
-        #: one entry per estimate: epoch, weights, the four loss tables, seconds
+        #: whether the weights in force came from the uniform fallback (no head's held-out loss fell)
+        self.fallback_uniform = False
+        #: one entry per estimate: epoch, window, weights, fallback, the four loss tables, seconds
         self.history: list[dict[str, Any]] = []
         self.train_rows = np.zeros(0, dtype=np.int64)
         self.holdout_rows = np.zeros(0, dtype=np.int64)
         self.estimate_rows = np.zeros(0, dtype=np.int64)
         self._weight_tensor: Tensor | None = None
+        self._fallback_tensor: Tensor | None = None
         self._pending_state: dict[str, Any] | None = None
 
     # ---- start-up --------------------------------------------------------------------------------
@@ -217,7 +240,9 @@ class GradientBlending(Method):
         self._check_coverage(ctx, self.holdout_rows, "the held-out split V")
         self._check_coverage(ctx, self.train_rows, "the training part")
         self._train_loader = ctx.make_loader(Subset(ctx.splits.train, self.train_rows.tolist()), True)
-        self._holdout_loader = ctx.make_loader(Subset(ctx.splits.train, self.holdout_rows.tolist()), False)
+        # L^V and L^T are measurements: read without the training augmentation
+        self._measured = evaluation_view(ctx.splits.train)
+        self._holdout_loader = ctx.make_loader(Subset(self._measured, self.holdout_rows.tolist()), False)
         self._set_weights({h: 1.0 / len(self.head_names) for h in self.head_names})
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -255,11 +280,29 @@ class GradientBlending(Method):
                 raise IncompatibleError(f"gblend cannot estimate weights: no sample of {what} has modality '{m}'")
 
     # ---- schedule and estimation -----------------------------------------------------------------
+    def _first_reestimate(self) -> int:
+        p = self.params
+        return p.super_epoch if p.warmup_epochs is None else p.warmup_epochs
+
     def is_estimation_epoch(self, epoch: int) -> bool:
+        """Offline: epoch 0 only. Online: 0, then the first re-estimate w (one super-epoch unless
+        ``warmup_epochs``) and every ``super_epoch`` after it."""
         if epoch == 0:
             return True
         p = self.params
-        return p.mode == "online" and epoch >= p.warmup_epochs and (epoch - p.warmup_epochs) % p.super_epoch == 0
+        first = self._first_reestimate()
+        return p.mode == "online" and epoch >= first and (epoch - first) % p.super_epoch == 0
+
+    def estimation_window(self, epoch: int, total_epochs: int) -> int:
+        """n for an estimate at ``epoch`` of a ``total_epochs`` run: ``estimate_epochs`` when set; else
+        offline the whole run (Algorithm 1: GB-Estimate(phi_0, N)) and online the epochs until the next
+        estimate (Algorithm 2: GB-Estimate(phi_{N_i}, n), n the super-epoch)."""
+        p = self.params
+        if p.estimate_epochs is not None:
+            return p.estimate_epochs
+        if p.mode == "offline":
+            return total_epochs
+        return self._first_reestimate() if epoch == 0 else p.super_epoch
 
     def on_epoch_start(self, epoch: int, loader: DataLoader) -> DataLoader | None:
         if self.is_estimation_epoch(epoch):
@@ -297,10 +340,13 @@ class GradientBlending(Method):
         """GB-Estimate from the current state; sets and returns the new weights."""
         ctx = self.ctx
         start = time.perf_counter()
+        epoch = ctx.epoch if epoch is None else epoch
+        window = self.estimation_window(epoch, ctx.config.trainer.epochs)
         self.estimate_rows = self._estimation_rows(len(self.history))
-        subset = Subset(ctx.splits.train, self.estimate_rows.tolist())
-        fit_loader = ctx.make_loader(subset, True, micro_batches=1)  # the copies' own loop: whole batches
-        measure_loader = ctx.make_loader(subset, False)
+        rows = self.estimate_rows.tolist()
+        # the copies' own loop, whole batches, with the training augmentation
+        fit_loader = ctx.make_loader(Subset(ctx.splits.train, rows), True, micro_batches=1)
+        measure_loader = ctx.make_loader(Subset(self._measured, rows), False)
         networks = self.estimation_copies()
         lr = ctx.optimizer.param_groups[0]["lr"]
         optimizers = {}
@@ -310,33 +356,39 @@ class GradientBlending(Method):
                 group["lr"] = lr  # continue at the run's current learning rate
         train_start = mean_losses(networks, measure_loader, ctx.device)
         val_start = mean_losses(networks, self._holdout_loader, ctx.device)
-        for _ in range(self.params.estimate_epochs):
+        for _ in range(window):
             train_networks(networks, optimizers, fit_loader, ctx.device, ctx.config.trainer.grad_clip)
         train_end = mean_losses(networks, measure_loader, ctx.device)
         val_end = mean_losses(networks, self._holdout_loader, ctx.device)
         tables = (train_start, val_start, train_end, val_end)
         usable = all(math.isfinite(v) for table in tables for v in table.values())
+        fallback = self.fallback_uniform
         if usable:
-            estimated = gblend_weights(*tables, form=self.params.weight_form, floor=self.params.overfitting_floor)
+            raw = gblend_raw_weights(*tables, form=self.params.weight_form, floor=self.params.overfitting_floor)
+            estimated, fallback = normalise_blend_weights(raw)
             weights = mix_with_uniform(estimated, self.params.min_weight)
         else:
             # a head had no sample in T' (a small subset with missing modalities) or a copy diverged:
             # no estimate, the weights in force stay
             estimated, weights = {}, dict(self.weights)
-        self._set_weights(weights)
+        self._set_weights(weights, fallback)
         self.history.append({
-            "epoch": ctx.epoch if epoch is None else epoch,
+            "epoch": epoch,
+            "window": window,
             "weights": dict(weights),
             "estimated": dict(estimated),
+            "fallback_uniform": fallback,
             "train_start": train_start, "val_start": val_start, "train_end": train_end, "val_end": val_end,
             "seconds": time.perf_counter() - start,
         })
         return weights
 
-    def _set_weights(self, weights: dict[str, float]) -> None:
+    def _set_weights(self, weights: dict[str, float], fallback: bool = False) -> None:
         self.weights = {h: float(weights[h]) for h in self.head_names}
+        self.fallback_uniform = bool(fallback)
         device = self.ctx.device if self.ctx is not None else None
         self._weight_tensor = torch.tensor([self.weights[h] for h in self.head_names], device=device)
+        self._fallback_tensor = torch.tensor(float(fallback), device=device)
 
     # ---- training --------------------------------------------------------------------------------
     def loss(self, output: ModelOutput, batch: MultimodalBatch) -> dict[str, Tensor]:
@@ -351,6 +403,7 @@ class GradientBlending(Method):
             terms[f"ce_{m}"] = w[i] * (per_sample * mask).sum() / mask.sum().clamp_min(1.0)
         for i, h in enumerate(self.head_names):
             self.record(f"weight/{h}", w[i])
+        self.record("fallback_uniform", self._fallback_tensor)
         return terms
 
     def after_backward(self, output: ModelOutput, batch: MultimodalBatch) -> None:
@@ -361,7 +414,8 @@ class GradientBlending(Method):
 
     # ---- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"weights": dict(self.weights), "history": copy.deepcopy(self.history)}
+        state: dict[str, Any] = {"weights": dict(self.weights), "fallback_uniform": self.fallback_uniform,
+                                 "history": copy.deepcopy(self.history)}
         if self.heads is not None:
             state["heads"] = {k: v.detach().clone() for k, v in self.heads.state_dict().items()}
         return state
@@ -373,7 +427,7 @@ class GradientBlending(Method):
         if "heads" in state:
             self.heads.load_state_dict(state["heads"])
         if state.get("weights"):
-            self._set_weights(state["weights"])
+            self._set_weights(state["weights"], state.get("fallback_uniform", False))
         self.history = copy.deepcopy(state.get("history", []))
 
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from poise.config import RunConfig
-from poise.data.base import DataSplits
+from poise.data.base import DataSplits, evaluation_view
 from poise.data.batch import MultimodalBatch, collate
 from poise.errors import ConfigError, IncompatibleError
 from poise.eval.probe import linear_probe
@@ -412,7 +412,8 @@ class Trainer:
         if t.probe:
             # rank 0 alone, over all of the data: the probe is a deterministic scikit-learn fit
             if main:
-                probe_train = self.make_loader(self.splits.train, shuffle=False, sharded=False)
+                # the training samples as evaluation sees them: augmentation would make the features random
+                probe_train = self.make_loader(evaluation_view(self.splits.train), shuffle=False, sharded=False)
                 probe_test = self.make_loader(self.splits.test, shuffle=False, sharded=False)
                 probe = linear_probe(model, probe_train, probe_test, self.device)
             probe = broadcast_object(probe)
