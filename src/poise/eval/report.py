@@ -56,6 +56,14 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def notes_section(results: dict) -> str:
+    """Markdown: the runs' notes (a modality that learned nothing, with its likely causes), or ''."""
+    lines = [f"- `{run['method']}` seed {run['seed']}: {note}" for run in results["runs"] for note in run.get("notes", [])]
+    if not lines:
+        return ""
+    return "\n".join(["## Modalities that learned nothing", "", *lines])
+
+
 def write_report(results: dict, out: Path) -> Path:
     plots = write_plots(results, out)
     text = [
@@ -68,6 +76,9 @@ def write_report(results: dict, out: Path) -> Path:
         summary_table(results),
         "",
     ]
+    warnings_text = notes_section(results)
+    if warnings_text:
+        text += [warnings_text, ""]
     for name in plots:
         text += [f"![{name}]({name})", ""]
     path = out / "report.md"

@@ -20,6 +20,16 @@ class Fusion(nn.Module):
     """Base class. ``forward(features)`` returns ``(fused_logits, unimodal_logits)``."""
 
     decomposable: bool = True
+    #: the number of modalities the fusion combines (None: any)
+    exact_modalities: int | None = None
+
+    @classmethod
+    def check_modalities(cls, name: str, modalities: tuple[str, ...]) -> None:
+        if cls.exact_modalities is not None and len(modalities) != cls.exact_modalities:
+            raise IncompatibleError(
+                f"{name} fusion combines exactly two modalities, got {len(modalities)} ({', '.join(modalities)}); "
+                "use concat, sum or shared for other counts"
+            )
 
     def __init__(self, feature_dims: dict[str, int], num_classes: int):
         super().__init__()
@@ -110,7 +120,7 @@ def _two(name: str, feature_dims: dict[str, int]) -> tuple[str, str]:
     if len(feature_dims) != 2:
         raise IncompatibleError(
             f"{name} fusion combines exactly two modalities, got {len(feature_dims)} ({', '.join(feature_dims)}); "
-            "use concat, sum or mfb for other counts"
+            "use concat, sum or shared for other counts"
         )
     a, b = feature_dims
     return a, b
@@ -118,6 +128,8 @@ def _two(name: str, feature_dims: dict[str, int]) -> tuple[str, str]:
 
 class GatedFusion(_AuxiliaryHeads):
     """``fc_out(sigmoid(fc_a(h_a)) * fc_b(h_b))``: the first modality gates the second."""
+
+    exact_modalities = 2
 
     def __init__(self, feature_dims: dict[str, int], num_classes: int, hidden: int = 64):
         super().__init__(feature_dims, num_classes)
@@ -135,6 +147,8 @@ class GatedFusion(_AuxiliaryHeads):
 
 class FiLMFusion(_AuxiliaryHeads):
     """``fc_out(gamma(h_a) * h_b + beta(h_a))``: the first modality conditions the second."""
+
+    exact_modalities = 2
 
     def __init__(self, feature_dims: dict[str, int], num_classes: int):
         super().__init__(feature_dims, num_classes)
@@ -173,7 +187,9 @@ def mfb_pool(projections: list[Tensor], factors: int, root_eps: float = 1e-8) ->
 
 
 class MFBFusion(_AuxiliaryHeads):
-    """Multi-modal factorised bilinear pooling (Yu et al., ICCV 2017), generalised to M modalities.
+    """Multi-modal factorised bilinear pooling (Yu et al., ICCV 2017) of two modalities (``mfb_pool`` and
+    this module compute the M-modality product too, but a run refuses other counts: the method is defined
+    and tested for pairs).
 
     Each modality's feature is projected to ``factors * output_dim`` dims; the projections are multiplied
     element-wise across modalities (two modalities: the paper's low-rank bilinear form; M modalities: a
@@ -188,6 +204,8 @@ class MFBFusion(_AuxiliaryHeads):
     but buries the bilinear signal under a constant after normalisation: training barely moves.)
     Not decomposable: auxiliary per-modality heads give the unimodal logits.
     """
+
+    exact_modalities = 2
 
     def __init__(self, feature_dims: dict[str, int], num_classes: int, factors: int = 5, output_dim: int = 256,
                  dropout: float = 0.1):
