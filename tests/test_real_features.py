@@ -104,7 +104,7 @@ def test_a_modality_in_the_thousands_trains_well_above_chance(tmp_path, method):
     result = Trainer(splits_for(spec, cfg), make_method(method, method_options(cfg, method)), cfg, seed=0).fit()
     # chance is 0.25 (4 balanced classes); without standardisation: 0.25 or a non-finite stop
     assert result.test["probe_accuracy"]["large"] > 0.8
-    assert result.test["unimodal_accuracy"]["large"] > 0.55
+    assert result.test["unimodal_accuracy"]["large"] > 0.5
     assert not result.notes
 
 

@@ -11,8 +11,6 @@ scale 1. The statistics are plain lists so that ``run.json`` records them and ``
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from poise.errors import DataError
@@ -77,10 +75,6 @@ def standardize_splits(splits, statistics: Statistics | None = None, where: str 
         inputs = {m: apply_statistics(x, statistics[m]) if m in modalities else x for m, x in ds.inputs.items()}
         setattr(splits, name, TensorMultimodalDataset(inputs, ds.labels, ds.present))
     return statistics
-
-
-def same_statistics(a: Any, b: Any) -> bool:
-    return (a or None) == (b or None)
 
 
 __all__ = ["STANDARDIZED_KINDS", "Statistics", "apply_statistics", "fit_statistics", "same_statistics",

@@ -42,10 +42,6 @@ def stored_statistics(out_dir: str | Path | None) -> dict | None:
         return None
 
 
-def is_run_folder(path: Path) -> bool:
-    return any((path / name).exists() for name in (RUN_FILE, RESULT_FILE, "checkpoint.pt", "best.pt", "metrics.jsonl"))
-
-
 def check_out_dir(out: Path, flag: str = "--out") -> None:
     """One sentence when ``out`` cannot be a run folder: a file, or a folder that cannot be written."""
     if out.exists() and not out.is_dir():
@@ -72,4 +68,4 @@ def clear_run_folder(out: Path, names: tuple[str, ...] = RUN_OUTPUTS) -> None:
 
 
 __all__ = ["RESULT_FILE", "RUN_FILE", "RUN_OUTPUTS", "atomic_write_text", "check_out_dir", "clear_run_folder",
-           "is_run_folder", "stored_statistics", "write_run_description"]
+           "stored_statistics", "write_run_description"]
