@@ -262,6 +262,11 @@ def test_an_existing_bench_is_kept_unless_resume_or_overwrite(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 2
     assert "already holds a bench (results.json, report.md, runs)" in one_sentence(capsys)
+    # a refused method keeps the earlier bench even with --overwrite
+    bad = ["bench", "--dataset", "synthetic", "--methods", "mla", "--seeds", "0", "--out", str(out), *QUICK,
+           "--set", "dataset.modalities.a.dim=2", "--overwrite"]
+    assert main(bad) == 2
+    assert "needs at least 2 modalities" in one_sentence(capsys) and (out / "results.json").is_file()
     assert main([*args, "--overwrite"]) == 0
     assert main([*args, "--resume"]) == 0
 

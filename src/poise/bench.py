@@ -219,9 +219,10 @@ def warm_up(threads: int | None = None) -> None:
 
 
 def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig, out: Path, workers: int = 1,
-              log=print, resume: bool = False) -> dict:
+              log=print, resume: bool = False, overwrite: bool = False) -> dict:
     """Every method x seed; ``resume=True`` continues an interrupted bench in ``out``: the finished runs of
-    ``out/results.json`` are kept, runs with a ``checkpoint.pt`` continue from it, the rest start anew."""
+    ``out/results.json`` are kept, runs with a ``checkpoint.pt`` continue from it, the rest start anew.
+    ``overwrite=True`` deletes an earlier bench's outputs in ``out`` once every method is validated."""
     from poise.train.distributed import is_main_process, launched_by_torchrun
 
     if workers > 1 and launched_by_torchrun():
@@ -264,6 +265,10 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
         results, resumable = _resumable(out, dataset, jobs, configs, run_dir)
         log(f"resuming {out}: {len(results)} finished runs kept, {len(resumable)} continue from their checkpoints, "
             f"{len(jobs) - len(results) - len(resumable)} start")
+    if overwrite and not resume and is_main_process():
+        from poise.train.run_files import clear_run_folder
+
+        clear_run_folder(out, BENCH_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     todo = [job for job in jobs if job not in results]
 

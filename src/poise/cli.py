@@ -97,9 +97,10 @@ def _check_seed(seed: int, flag: str = "--seed") -> None:
         raise PoiseError(f"{flag} must be an integer from 0 to 2**32 - 1, got {seed}")
 
 
-def _prepare_out(out: Path, overwrite: bool, resume: bool, what: str, outputs: tuple[str, ...]) -> None:
+def _prepare_out(out: Path, overwrite: bool, resume: bool, what: str, outputs: tuple[str, ...],
+                 clear: bool = True) -> None:
     """Refuse an ``--out`` that cannot hold the outputs, or that holds earlier ones (unless ``--resume`` or
-    ``--overwrite``); with ``--overwrite`` delete those."""
+    ``--overwrite``); with ``--overwrite`` and ``clear`` delete those."""
     from poise.train.run_files import check_out_dir, clear_run_folder
 
     check_out_dir(out)
@@ -109,7 +110,7 @@ def _prepare_out(out: Path, overwrite: bool, resume: bool, what: str, outputs: t
     if earlier and not (resume or overwrite):
         raise PoiseError(f"--out '{out}' already holds {what} ({', '.join(earlier[:3])}); give --resume to continue it, "
                          "--overwrite to replace it, or another --out")
-    if earlier and overwrite:
+    if earlier and overwrite and clear:
         clear_run_folder(out, outputs)
 
 
@@ -273,7 +274,8 @@ def cmd_bench(args) -> int:
         raise PoiseError(f"--workers must be at least 1, got {args.workers}")
     out = Path(args.out)
     if os.environ.get("RANK", "0") == "0":
-        _prepare_out(out, args.overwrite, args.resume, "a bench", BENCH_OUTPUTS)
+        # an earlier bench is deleted by run_bench once every method has been validated
+        _prepare_out(out, args.overwrite, args.resume, "a bench", BENCH_OUTPUTS, clear=False)
     from poise.train.distributed import is_main_process, shutdown
 
     main_process = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone prints and writes
@@ -281,7 +283,8 @@ def cmd_bench(args) -> int:
         print(f"bench on {args.dataset}: {len(methods)} methods x {len(seeds)} seeds -> {out}", flush=True)
     try:
         results = run_bench(args.dataset, methods, seeds, cfg, out, workers=args.workers,
-                            log=lambda line: print(line, flush=True) if main_process else None, resume=args.resume)
+                            log=lambda line: print(line, flush=True) if main_process else None, resume=args.resume,
+                            overwrite=args.overwrite)
         if not is_main_process():
             return 0
     finally:
