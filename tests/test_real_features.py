@@ -145,6 +145,14 @@ def test_eval_and_resume_apply_the_statistics_stored_with_the_run(tmp_path):
     from poise.train.run_files import stored_statistics
 
     assert stored_statistics(out) == fitted
+    # the library API refuses to resume on splits standardised otherwise
+    from poise.errors import ConfigError
+
+    cfg = run_config(spec, set_layer={"trainer": {"epochs": 2, "tensorboard": False, "probe": False}})
+    with pytest.raises(ConfigError, match="standardised with other statistics than those in"):
+        Trainer(splits_for(spec, cfg), make_method("joint"), cfg, out_dir=out, resume=True).fit()
+    again = Trainer(splits_for(spec, cfg, fitted), make_method("joint"), cfg, out_dir=out, resume=True).fit()
+    assert again.best_epoch == result["best_epoch"]
     _cached_splits.cache_clear()
 
 

@@ -346,6 +346,13 @@ class Trainer:
         val_loader = self.make_loader(self.splits.val, shuffle=False)
         first_epoch, partial = 0, None
         if self.resume:
+            from poise.train.run_files import RUN_FILE, stored_statistics
+
+            stored = stored_statistics(self.out_dir)
+            if stored is not None and stored != self.splits.standardization:
+                raise ConfigError(f"cannot resume: the splits are standardised with other statistics than those in "
+                                  f"'{self.out_dir / RUN_FILE}'; load them with splits_for(dataset, config, statistics) "
+                                  "from that file")
             first_epoch, partial = self._restore(load_checkpoint(self.out_dir / CHECKPOINT_FILE))
         main = is_main_process()
         if self.out_dir is not None and main and not self.resume:
