@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/poise bench --dataset avdigits --methods 'all,joint[model.fusion=mfb],ogm_ge[model.fusion=mfb],joint[pretrain=contrastive]' --seeds 0,1,2 --out runs/demo --workers 2
+	$(BIN)/poise bench --dataset avdigits --methods 'all,joint[model.fusion=mfb],ogm_ge[model.fusion=mfb],joint[pretrain=contrastive]' --seeds 0,1,2 --out runs/demo --workers 2 --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

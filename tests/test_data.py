@@ -41,12 +41,12 @@ def test_npz_without_split_is_stratified_and_disjoint(tmp_path):
     "arrays,message",
     [
         ({"a": np.zeros((4, 2))}, "has no 'labels' array"),
-        ({"labels": np.zeros(4, dtype=int)}, "no modality arrays"),
-        ({"labels": np.zeros(4, dtype=int), "a": np.zeros((3, 2))}, "array 'a' has 3 rows but 'labels' has 4"),
-        ({"labels": np.zeros(4, dtype=int), "a": np.zeros(4)}, "array 'a' must be numeric N x D or N x T x D"),
+        ({"labels": np.array([0, 1, 0, 1])}, "no modality arrays"),
+        ({"labels": np.array([0, 1, 0, 1]), "a": np.zeros((3, 2))}, "array 'a' has 3 rows but 'labels' has 4"),
+        ({"labels": np.array([0, 1, 0, 1]), "a": np.zeros(4)}, "array 'a' must be numeric N x D or N x T x D"),
         ({"labels": np.zeros(4), "a": np.zeros((4, 2))}, "'labels' must be a 1-D integer array"),
-        ({"labels": np.zeros(4, dtype=int), "a": np.full((4, 2), np.nan)}, "array 'a' contains NaN"),
-        ({"labels": np.zeros(4, dtype=int), "a": np.zeros((4, 2)), "split": np.array(["train", "dev", "test", "val"])},
+        ({"labels": np.array([0, 1, 0, 1]), "a": np.full((4, 2), np.nan)}, "array 'a' contains NaN"),
+        ({"labels": np.array([0, 1, 0, 1]), "a": np.zeros((4, 2)), "split": np.array(["train", "dev", "test", "val"])},
          "'split' holds \\['dev'\\]"),
     ],
 )
@@ -60,7 +60,7 @@ def test_npz_missing_or_corrupt_file(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(f"npz:{tmp_path / 'nope.npz'}", {}, DataConfig())
     (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(DataError, match="not a readable .npz"):
+    with pytest.raises(DataError, match="is not a .npz archive"):
         load_dataset(f"npz:{tmp_path / 'junk.npz'}", {}, DataConfig())
     with pytest.raises(ConfigError, match="needs a path"):
         load_dataset("npz", {}, DataConfig())

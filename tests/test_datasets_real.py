@@ -512,7 +512,7 @@ def test_every_shipped_preset_validates_with_its_methods(cremad_root):
     presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
     assert {"cremad_ogm_ge", "cremad_ogm_ge_tpami", "vggsound_ogm_ge", "cremad_mla", "cremad_gblend"} <= set(presets)
     spec = f"cremad:{cremad_root}"
-    splits = load_dataset(spec, SMALL, DataConfig())
+    splits = load_dataset(spec, SMALL, DataConfig(val_fraction=0.5))
     for name in presets:
         cfg = run_config(spec, load_config_file(name), {"trainer": {"progress": False, "tensorboard": False}})
         assert cfg.method, f"preset {name} configures no method"

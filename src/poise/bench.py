@@ -36,6 +36,7 @@ from poise.config import RunConfig, build_config, parse_set
 from poise.data.registry import dataset_kind, load_dataset
 from poise.errors import ConfigError, closest
 from poise.methods.registry import METHODS, balancing_methods, make_method
+from poise.train.run_files import RUN_FILE, stored_statistics  # noqa: F401  (RUN_FILE: re-exported)
 
 
 def run_config(dataset: str, file_layer: dict | None = None, set_layer: dict | None = None) -> RunConfig:
@@ -90,6 +91,8 @@ def parse_spec(name: str, modalities: tuple[str, ...]) -> RunSpec:
     method, variant = match.group(1).strip(), match.group(2)
     base, _, arg = method.partition(":")
     METHODS[base]  # raises with the closest name
+    if base == "unimodal" and not arg:
+        raise ConfigError(f"the unimodal baseline needs a modality: 'unimodal:<modality>' (valid: {', '.join(modalities)})")
     if base == "unimodal" and arg not in modalities:
         raise ConfigError(f"unknown modality '{arg}' in '{name}'{closest(arg, modalities)}")
     items = [item.strip() for item in (variant or "").split(";") if item.strip()]
@@ -125,27 +128,40 @@ def expand_methods(spec: str, modalities: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def resolve_method(spec: str, cfg: RunConfig) -> str:
+    """``unimodal`` with ``method.unimodal.modality`` set is ``unimodal:<modality>``."""
+    given = cfg.method.get("unimodal", {}).get("modality")
+    if spec.strip() == "unimodal" and given:
+        return f"unimodal:{given}"
+    return spec
+
+
 def method_options(cfg: RunConfig, spec: str) -> dict[str, Any]:
     return dict(cfg.method.get(spec.partition(":")[0], {}))
 
 
 @lru_cache(maxsize=4)
-def _cached_splits(dataset: str, dataset_options: str, data_config: str):
+def _cached_splits(dataset: str, dataset_options: str, data_config: str, statistics: str):
     from poise.config import DataConfig
 
-    return load_dataset(dataset, json.loads(dataset_options), DataConfig(**json.loads(data_config)))
+    return load_dataset(dataset, json.loads(dataset_options), DataConfig(**json.loads(data_config)),
+                        json.loads(statistics) if statistics else None)
 
 
-def splits_for(dataset: str, cfg: RunConfig):
-    return _cached_splits(dataset, json.dumps(cfg.dataset, sort_keys=True), json.dumps(cfg.data.model_dump(), sort_keys=True))
+def splits_for(dataset: str, cfg: RunConfig, statistics: dict | None = None):
+    """The splits of ``dataset`` under ``cfg``; ``statistics``: a run's stored standardisation statistics
+    (``run.json``), applied instead of fitting them again."""
+    return _cached_splits(dataset, json.dumps(cfg.dataset, sort_keys=True), json.dumps(cfg.data.model_dump(), sort_keys=True),
+                          json.dumps(statistics, sort_keys=True) if statistics else "")
 
 
 def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str | None, threads: int | None = None,
               init_dir: str | None = None, resume: bool = False, name: str | None = None,
-              pretrain: str | None = None) -> dict:
+              pretrain: str | None = None, epoch_lines: bool = False) -> dict:
     """One run; a plain function of plain arguments so that it can run in a worker process. ``cfg_dict``
     is the run's full configuration; ``pretrain`` pre-trains the encoders first (into ``out_dir/pretrain``)
-    and counts that time in ``train_seconds``."""
+    and counts that time in ``train_seconds``. The run folder gets ``run.json`` and ``result.json``; a
+    resumed run applies the standardisation statistics its ``run.json`` recorded."""
     import tempfile
     import time
 
@@ -156,7 +172,7 @@ def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str |
     if threads:
         torch.set_num_threads(threads)
     cfg = RunConfig(**cfg_dict)
-    splits = splits_for(dataset, cfg)
+    splits = splits_for(dataset, cfg, stored_statistics(out_dir) if resume else None)
     pretrain_seconds = 0.0
     with tempfile.TemporaryDirectory() as scratch:
         if pretrain is not None:
@@ -168,33 +184,26 @@ def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str |
                 run_pretrain(splits, cfg, Path(init_dir), seed, pretrain)
                 pretrain_seconds = time.perf_counter() - start
         method = make_method(spec, method_options(cfg, spec))
-        if out_dir is not None and not resume:
-            write_run_description(Path(out_dir), dataset, spec, seed, cfg, init_dir, name)
-        result = Trainer(splits, method, cfg, seed=seed, out_dir=out_dir, method_name=name or spec, init_dir=init_dir,
-                         resume=resume).fit()
-    result.train_seconds += pretrain_seconds
+        trainer = Trainer(splits, method, cfg, seed=seed, out_dir=out_dir, method_name=name or spec, init_dir=init_dir,
+                          resume=resume, epoch_lines=epoch_lines)
+        result = trainer.fit()
+    if pretrain_seconds:
+        from poise.train.distributed import is_main_process
+
+        result.train_seconds += pretrain_seconds
+        if out_dir is not None and is_main_process():
+            trainer.write_result(result)
     return result.to_dict()
 
 
-#: a run folder's description: what ``poise train --resume`` and ``poise eval`` rebuild the run from
-RUN_FILE = "run.json"
+#: what a bench leaves in its folder (what --overwrite clears)
+BENCH_OUTPUTS = ("results.json", "report.md", "runs", "unimodal_accuracy.png", "confidence_ratio.png",
+                 "method_records.png", "eval_test.json", "eval_test.md", "eval_val.json", "eval_val.md")
 
 
 def run_folder(out: Path, name: str, seed: int) -> Path:
     """Where ``poise bench`` in ``out`` keeps the run of one method (or variant) and seed."""
     return out / "runs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") / f"seed{seed}"
-
-
-def write_run_description(out_dir: Path, dataset: str, method: str, seed: int, cfg: RunConfig,
-                          init_dir: str | None = None, name: str | None = None) -> None:
-    """``run.json``: what ``poise train --resume`` and ``poise eval`` rebuild the run from (rank 0 only)."""
-    from poise.train.distributed import is_main_process
-    from poise.train.trainer import atomic_write_text
-
-    if is_main_process():
-        description = {"dataset": dataset, "method": method, "name": name or method, "seed": seed, "init": init_dir,
-                       "config": cfg.model_dump()}
-        atomic_write_text(json.dumps(description, indent=1), out_dir / RUN_FILE)
 
 
 def warm_up(threads: int | None = None) -> None:
@@ -215,9 +224,10 @@ def warm_up(threads: int | None = None) -> None:
 
 
 def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig, out: Path, workers: int = 1,
-              log=print, resume: bool = False) -> dict:
+              log=print, resume: bool = False, overwrite: bool = False) -> dict:
     """Every method x seed; ``resume=True`` continues an interrupted bench in ``out``: the finished runs of
-    ``out/results.json`` are kept, runs with a ``checkpoint.pt`` continue from it, the rest start anew."""
+    ``out/results.json`` are kept, runs with a ``checkpoint.pt`` continue from it, the rest start anew.
+    ``overwrite=True`` deletes an earlier bench's outputs in ``out`` once every method is validated."""
     from poise.train.distributed import is_main_process, launched_by_torchrun
 
     if workers > 1 and launched_by_torchrun():
@@ -260,6 +270,10 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
         results, resumable = _resumable(out, dataset, jobs, configs, run_dir)
         log(f"resuming {out}: {len(results)} finished runs kept, {len(resumable)} continue from their checkpoints, "
             f"{len(jobs) - len(results) - len(resumable)} start")
+    if overwrite and not resume and is_main_process():
+        from poise.train.run_files import clear_run_folder
+
+        clear_run_folder(out, BENCH_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     todo = [job for job in jobs if job not in results]
 
@@ -336,7 +350,8 @@ def _line(run: dict) -> str:
     released = run.get("released_test_selected")
     marked = f"  test-selected acc {released['accuracy']:.4f} (released protocol)" if released else ""
     return (f"{run['method']:<22} seed {run['seed']}: acc {run['test']['accuracy']:.4f}  probe {probe}  "
-            f"({run['train_seconds']:.1f}s, best epoch {run['best_epoch']}){marked}")
+            f"({run['train_seconds']:.1f}s, best epoch {run['best_epoch']}){marked}"
+            + "".join(f"\n  note: {note}" for note in run.get("notes", [])))
 
 
 def default_workers() -> int:

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its checkpoint.pt, with the dataset, method, seed and "
                         "configuration stored in DIR/run.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds an earlier run: delete its files (TensorBoard events included) and start anew")
 
     p = sub.add_parser("bench", help="several methods x seeds, with a report and plots")
     _common(p)
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted bench in --out: keep its finished runs, continue the others from "
                         "their checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds an earlier bench: delete its results, report, plots and run folders and start anew")
 
     p = sub.add_parser("eval", help="score a finished run's best checkpoint under missing modalities")
     p.add_argument("dir", help="run folder (poise train --out), or a bench folder: every run, with a summary over seeds")
@@ -84,7 +88,31 @@ def _parse_seeds(text: str) -> list[int]:
         raise PoiseError(f"--seeds expects comma-separated integers, got '{text}'") from None
     if not seeds:
         raise PoiseError("--seeds is empty")
+    for seed in seeds:
+        _check_seed(seed, "--seeds")
     return seeds
+
+
+def _check_seed(seed: int, flag: str = "--seed") -> None:
+    if not 0 <= seed < 2**32:
+        raise PoiseError(f"{flag} must be an integer from 0 to 2**32 - 1, got {seed}")
+
+
+def _prepare_out(out: Path, overwrite: bool, resume: bool, what: str, outputs: tuple[str, ...],
+                 clear: bool = True) -> None:
+    """Refuse an ``--out`` that cannot hold the outputs, or that holds earlier ones (unless ``--resume`` or
+    ``--overwrite``); with ``--overwrite`` and ``clear`` delete those."""
+    from poise.train.run_files import check_out_dir, clear_run_folder
+
+    check_out_dir(out)
+    if resume and overwrite:
+        raise PoiseError("--resume continues the earlier outputs and --overwrite deletes them; give one of them")
+    earlier = [name for name in outputs if (out / name).exists()]
+    if earlier and not (resume or overwrite):
+        raise PoiseError(f"--out '{out}' already holds {what} ({', '.join(earlier[:3])}); give --resume to continue it, "
+                         "--overwrite to replace it, or another --out")
+    if earlier and overwrite and clear:
+        clear_run_folder(out, outputs)
 
 
 def _config(args):
@@ -140,26 +168,37 @@ def _stored_run(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from poise.bench import expand_methods, method_options, splits_for, train_one
+    from poise.bench import expand_methods, method_options, resolve_method, splits_for, train_one
     from poise.config import RunConfig
     from poise.methods.registry import make_method
     from poise.train.distributed import is_main_process, shutdown
-    from poise.train.trainer import Trainer, atomic_write_text
+    from poise.train.run_files import RUN_OUTPUTS
+    from poise.train.trainer import Trainer
 
     if args.resume:
         stored = _stored_run(args)
         dataset, method, seed, init = stored["dataset"], stored["method"], stored["seed"], stored.get("init")
         cfg = RunConfig(**stored["config"])
         out = Path(args.resume)
+        statistics = stored.get("standardization")
+        if args.overwrite:
+            raise PoiseError("--resume continues the run and --overwrite deletes it; give one of them")
     else:
         missing = [flag for flag, value in (("--dataset", args.dataset), ("--method", args.method), ("--out", args.out))
                    if value is None]
         if missing:
             raise PoiseError(f"poise train needs {', '.join(missing)} (or --resume DIR to continue a run)")
-        dataset, method, seed, init = args.dataset, args.method, 0 if args.seed is None else args.seed, args.init
+        if args.seed is not None:
+            _check_seed(args.seed)
+        dataset, seed, init = args.dataset, 0 if args.seed is None else args.seed, args.init
         cfg = _config(args)
+        method = resolve_method(args.method, cfg)
         out = Path(args.out)
-    splits = splits_for(dataset, cfg)
+        statistics = None
+        from poise.train.run_files import check_out_dir
+
+        check_out_dir(out)
+    splits = splits_for(dataset, cfg, statistics)
     expand_methods(method, tuple(splits.info.modalities))
     if "[" in method or "," in method:
         raise ConfigError(f"poise train runs one method, got '{method}'; variants NAME[KEY=VALUE;...] and lists "
@@ -168,12 +207,14 @@ def cmd_train(args) -> int:
         # refuse an incompatible method, fusion or option before anything is written (under torchrun
         # this also joins the process group)
         Trainer(splits, make_method(method, method_options(cfg, method)), cfg, seed=seed, method_name=method).build_model()
-        run = train_one(dataset, method, cfg.model_dump(), seed, str(out), init_dir=init, resume=bool(args.resume))
+        if not args.resume and is_main_process():
+            _prepare_out(out, args.overwrite, False, "a run", RUN_OUTPUTS)
+        run = train_one(dataset, method, cfg.model_dump(), seed, str(out), init_dir=init, resume=bool(args.resume),
+                        epoch_lines=True)
         if not is_main_process():
             return 0
     finally:
         shutdown()
-    atomic_write_text(json.dumps({"dataset": dataset, **run}, indent=1), out / "result.json")
     t = run["test"]
     chosen = "best epoch" if run.get("selection", "validation") == "validation" else "last epoch (no validation split)"
     print(f"{method} seed {seed}: test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}, "
@@ -185,6 +226,8 @@ def cmd_train(args) -> int:
     for m in t["unimodal_accuracy"]:
         probe = t["probe_accuracy"].get(m)
         print(f"  {m}: head {t['unimodal_accuracy'][m]:.4f}" + (f", probe {probe:.4f}" if probe is not None else ""))
+    for note in run.get("notes", []):
+        print(f"note: {note}")
     print(f"written to {out}")
     return 0
 
@@ -227,7 +270,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from poise.bench import expand_methods, run_bench, splits_for
+    from poise.bench import BENCH_OUTPUTS, expand_methods, run_bench, splits_for
     from poise.eval.report import TEST_SELECTED_NOTE, has_test_selected, summary_table, write_report
 
     cfg = _config(args)
@@ -236,6 +279,9 @@ def cmd_bench(args) -> int:
     if args.workers < 1:
         raise PoiseError(f"--workers must be at least 1, got {args.workers}")
     out = Path(args.out)
+    if os.environ.get("RANK", "0") == "0":
+        # an earlier bench is deleted by run_bench once every method has been validated
+        _prepare_out(out, args.overwrite, args.resume, "a bench", BENCH_OUTPUTS, clear=False)
     from poise.train.distributed import is_main_process, shutdown
 
     main_process = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone prints and writes
@@ -243,7 +289,8 @@ def cmd_bench(args) -> int:
         print(f"bench on {args.dataset}: {len(methods)} methods x {len(seeds)} seeds -> {out}", flush=True)
     try:
         results = run_bench(args.dataset, methods, seeds, cfg, out, workers=args.workers,
-                            log=lambda line: print(line, flush=True) if main_process else None, resume=args.resume)
+                            log=lambda line: print(line, flush=True) if main_process else None, resume=args.resume,
+                            overwrite=args.overwrite)
         if not is_main_process():
             return 0
     finally:
@@ -268,6 +315,9 @@ def cmd_report(args) -> int:
         results["dataset"], results["runs"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise PoiseError(f"'{path}' is not a poise results file: {e}") from None
+    if not isinstance(results["runs"], list) or not results["runs"]:
+        raise PoiseError(f"'{path}' holds no runs: nothing to report (the bench stopped before its first run finished; "
+                         "continue it with poise bench ... --resume)")
     write_report(results, Path(args.dir))
     print(summary_table(results))
     if has_test_selected(results):
@@ -283,6 +333,7 @@ def cmd_pretrain(args) -> int:
     if launched_by_torchrun():
         raise PoiseError("poise pretrain runs in one process (its contrastive negatives are the whole batch); start it "
                          "without torchrun, then give its folder to 'torchrun ... -m poise train --init DIR'")
+    _check_seed(args.seed)
     cfg = _config(args)
     summary = run_pretrain(splits_for(args.dataset, cfg), cfg, Path(args.out), args.seed, args.objective,
                            epochs=args.epochs, temperature=args.temperature)

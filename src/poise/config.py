@@ -61,6 +61,9 @@ class DataConfig(_Strict):
     missing_rate: float = Field(0.0, ge=0, lt=1, description="per-modality missing probability, train and val")
     missing_rate_test: float | None = Field(None, ge=0, lt=1, description="missing probability on test (default: missing_rate)")
     split_seed: int = Field(0, ge=0, description="seed of the data splits (kept apart from the run seed)")
+    standardize: bool = Field(
+        False, description="standardise each vector / sequence feature with train-split statistics (on for npz)"
+    )
 
     @model_validator(mode="after")
     def _protocol_and_validation_share(self) -> DataConfig:
@@ -169,9 +172,13 @@ def load_config_file(path: str) -> dict:
         presets = [q.stem for q in PRESET_DIR.glob("*.yaml")]
         raise ConfigError(f"config file '{path}' does not exist and is not a preset{closest(path, presets)}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{p}' cannot be read as text: {e.__class__.__name__}") from None
+    if data is None:
+        raise ConfigError(f"config file '{p}' is empty; give at least one section (trainer, data, model, dataset, method)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{p}' must hold a mapping of sections (trainer, data, model, ...)")
     return data

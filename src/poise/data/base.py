@@ -94,6 +94,10 @@ class DataSplits:
     val: Dataset
     test: Dataset
     notes: dict[str, object] = field(default_factory=dict)
+    #: the ``--dataset`` text these splits were loaded from (``load_dataset``), for ``run.json``
+    source: str | None = None
+    #: the per-feature statistics applied by ``data.standardize`` (None: features as they come)
+    standardization: dict[str, dict[str, list[float]]] | None = None
 
     def split(self, name: str) -> Dataset:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -108,6 +112,38 @@ def evaluation_view(dataset: Dataset) -> Dataset:
         return Subset(evaluation_view(dataset.dataset), dataset.indices)
     view = getattr(dataset, "evaluation_view", None)
     return view() if callable(view) else dataset
+
+
+def split_labels(dataset: Dataset) -> np.ndarray | None:
+    """The labels of a split when it holds them in memory (None for a split that reads them lazily)."""
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, Tensor):
+        return labels.numpy()
+    if isinstance(labels, np.ndarray):
+        return labels
+    if isinstance(labels, (list, tuple)) and all(isinstance(v, (int, np.integer)) for v in labels):
+        return np.asarray(labels, dtype=np.int64)
+    return None
+
+
+def check_splits(splits: DataSplits, where: str, empty_val: bool = False) -> None:
+    """Refuse, before any training, a split that is empty or holds a single class: nothing can be
+    trained, selected or probed on it. ``empty_val``: the released protocol, which has no validation split."""
+    for name in ("train", "val", "test"):
+        ds = splits.split(name)
+        n = len(ds)
+        if n == 0 and name == "val" and empty_val:
+            continue
+        if n == 0:
+            raise DataError(f"{where}: the {name} split is empty; the data is too small for a train / val / test "
+                            "split (add samples, or lower data.val_fraction / dataset.test_fraction)")
+        labels = split_labels(ds)
+        if labels is None:
+            continue
+        classes = np.unique(labels)
+        if len(classes) < 2:
+            raise DataError(f"{where}: the {name} split holds only class {int(classes[0])} ({n} samples); every split "
+                            "needs at least two classes to train, select an epoch and fit the probe")
 
 
 def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:

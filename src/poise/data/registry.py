@@ -28,6 +28,7 @@ from poise.data.features import IemocapOptions, MoseiOptions, build_iemocap, bui
 from poise.data.iemocap_mla import IemocapMlaOptions, build_iemocap_mla
 from poise.data.imagetext import Food101Options, MvsaOptions, build_food101, build_mvsa
 from poise.data.npz import NpzOptions, build_npz
+from poise.data.standardize import standardize_splits
 from poise.data.synthetic import SyntheticOptions, build_synthetic
 from poise.errors import ConfigError
 from poise.registry import Registry
@@ -55,7 +56,7 @@ DATASETS: Registry[DatasetKind] = Registry(
     "dataset",
     {
         "synthetic": DatasetKind(build_synthetic, SyntheticOptions, {"trainer": {"epochs": 15, "lr": 0.05}}),
-        "npz": DatasetKind(build_npz, NpzOptions, needs_arg=True),
+        "npz": DatasetKind(build_npz, NpzOptions, {"data": {"standardize": True}}, needs_arg=True),
         "avdigits": DatasetKind(build_avdigits, AvDigitsOptions, AVDIGITS_DEFAULTS),
         "cremad": DatasetKind(build_cremad, CremadOptions, RESNET_AV, needs_arg=True),
         "kinetics_sounds": DatasetKind(build_kinetics_sounds, KineticsSoundsOptions, RESNET_AV, needs_arg=True),
@@ -84,15 +85,21 @@ def split_missing_mask(n: int, num_modalities: int, rate: float, split_seed: int
     return missing_mask(n, num_modalities, rate, seed=split_seed * 7919 + ("train", "val", "test").index(split))
 
 
-def load_dataset(spec: str, options: dict[str, Any], data: DataConfig) -> DataSplits:
-    """Build the train / val / test splits of ``spec`` (``name`` or ``name:ARG``), then apply the
-    missing-modality masks of ``data`` (fixed by ``data.split_seed``)."""
+def load_dataset(spec: str, options: dict[str, Any], data: DataConfig,
+                 statistics: dict[str, dict[str, list[float]]] | None = None) -> DataSplits:
+    """Build the train / val / test splits of ``spec`` (``name`` or ``name:ARG``), standardise
+    their vector and sequence features (``data.standardize``: with ``statistics`` when given, a run's stored
+    ones, else fitted on the training split), then apply the missing-modality masks of ``data`` (fixed by
+    ``data.split_seed``)."""
     kind, arg = dataset_kind(spec)
     try:
         opts = kind.Options(**options)
     except ValidationError as e:
         raise ConfigError(describe_validation_error(e, prefix="dataset")) from None
     splits = kind.builder(arg, opts, data.val_fraction, data.split_seed)
+    splits.source = spec
+    if data.standardize:
+        splits.standardization = standardize_splits(splits, statistics, f"dataset '{spec}'")
     m = len(splits.info.modalities)
     rates = {"train": data.missing_rate, "val": data.missing_rate, "test": data.missing_rate if data.missing_rate_test is None else data.missing_rate_test}
     for split_name, rate in rates.items():

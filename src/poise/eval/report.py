@@ -70,6 +70,14 @@ TEST_SELECTED_NOTE = ("`test-selected accuracy (released protocol)`: the epoch o
                       "so optimistic, and not comparable with the validation-selected columns.")
 
 
+def notes_section(results: dict) -> str:
+    """Markdown: the runs' notes (a modality that learned nothing, with its likely causes), or ''."""
+    lines = [f"- `{run['method']}` seed {run['seed']}: {note}" for run in results["runs"] for note in run.get("notes", [])]
+    if not lines:
+        return ""
+    return "\n".join(["## Modalities that learned nothing", "", *lines])
+
+
 def write_report(results: dict, out: Path) -> Path:
     plots = write_plots(results, out) + write_learning_curves(results, out)
     text = [
@@ -84,6 +92,9 @@ def write_report(results: dict, out: Path) -> Path:
         summary_table(results),
         "",
     ]
+    warnings_text = notes_section(results)
+    if warnings_text:
+        text += [warnings_text, ""]
     for name in plots:
         text += [f"![{name}]({name})", ""]
     path = out / "report.md"

@@ -35,11 +35,17 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         run["dataset"], run["method"], run["seed"], run["config"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise DataError(f"'{path}' is not a poise run description ({err})") from None
+    if not isinstance(run["dataset"], str):
+        raise DataError(f"'{path}' names no dataset: the run was trained on splits built in Python, not loaded by "
+                        "name (--dataset), so poise eval cannot rebuild its data")
     return run
 
 
 def check_overrides(flat_keys: list[str]) -> None:
     for key in flat_keys:
+        if key == "data.standardize":
+            raise ConfigError("poise eval cannot change 'data.standardize': the weights in best.pt were trained on "
+                              "features standardised (or not) as the run's configuration says")
         if not key.startswith(EVAL_KEYS):
             raise ConfigError(f"poise eval cannot change '{key}': the weights in {BEST_FILE} were trained with the run's "
                               f"own model and method; it may change {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in EVAL_KEYS)}")
@@ -68,13 +74,14 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None, split: str = "tes
     best_path = run_dir / BEST_FILE
     if not best_path.is_file():
         raise DataError(f"'{best_path}' does not exist: the run has not finished")
-    try:
-        best = torch.load(best_path, map_location="cpu", weights_only=True)
-        state = best["model"]
-    except Exception as err:  # unpickling errors come in many types
-        raise DataError(f"'{best_path}' cannot be read as a poise checkpoint: {err}") from None
+    from poise.train.checkpoint import read_torch_file
 
-    splits = splits_for(run["dataset"], cfg)
+    best = read_torch_file(best_path, "a poise checkpoint")
+    if not isinstance(best, dict) or not isinstance(best.get("model"), dict):
+        raise DataError(f"'{best_path}' is not a poise checkpoint (no model weights in it)")
+    state = best["model"]
+
+    splits = splits_for(run["dataset"], cfg, run.get("standardization"))
     method = make_method(run["method"], method_options(cfg, run["method"]))
     trainer = Trainer(splits, method, cfg, seed=run["seed"], method_name=run.get("name", run["method"]))
     model = trainer.build_model()

@@ -84,6 +84,11 @@ class Method:
         self._records: dict[str, list[Tensor]] = defaultdict(list)
         self.ctx: TrainContext | None = None
 
+    @property
+    def spec(self) -> str:
+        """The name ``make_method`` builds this method from (``unimodal:<modality>`` for the baseline)."""
+        return self.name
+
     # ---- start-up --------------------------------------------------------------------------------
     def modalities(self, available: tuple[str, ...]) -> tuple[str, ...]:
         """The modalities this method trains on (default: all the dataset has)."""

@@ -25,6 +25,10 @@ class Unimodal(Method):
     name = "unimodal"
     Params: ClassVar[type[MethodParams]] = UnimodalParams
 
+    @property
+    def spec(self) -> str:
+        return f"unimodal:{self.params.modality}"
+
     def modalities(self, available):
         m = self.params.modality
         if m not in available:

@@ -46,10 +46,19 @@ def make_method(spec: str, options: dict[str, Any] | None = None) -> Method:
     name, _, arg = spec.partition(":")
     cls = METHODS[name]
     options = dict(options or {})
+    valid = [f.alias or k for k, f in cls.Params.model_fields.items()]
+    for key in options:
+        if key not in valid and key not in cls.Params.model_fields:
+            hint = closest(key, valid).replace(" (did you mean '", f" (did you mean 'method.{name}.") if valid else " (it takes none)"
+            raise ConfigError(f"unknown option 'method.{name}.{key}'{hint}")
     if name == "unimodal":
-        if not arg:
-            raise ConfigError("the unimodal baseline needs a modality: 'unimodal:<modality>'")
-        options["modality"] = arg
+        given = options.get("modality")
+        if arg and given not in (None, "", arg):
+            raise ConfigError(f"'{spec}' names modality '{arg}' but method.unimodal.modality is '{given}'; give one of them")
+        if not (arg or given):
+            raise ConfigError("the unimodal baseline needs a modality: 'unimodal:<modality>' or "
+                              "--set method.unimodal.modality=<modality>")
+        options["modality"] = arg or given
     elif arg:
         raise ConfigError(f"method '{name}' takes no ':' argument (got '{spec}')")
     try:

@@ -81,10 +81,9 @@ def load_unimodal_model(info: DatasetInfo, modality: str, path: str | Path) -> M
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint '{path}' for modality '{modality}' does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise DataError(f"checkpoint '{path}' for modality '{modality}' cannot be read: {err}") from None
+    from poise.train.checkpoint import read_torch_file
+
+    checkpoint = read_torch_file(path, f"the best.pt of a unimodal:{modality} run")
     expected = f"expected the best.pt of `poise train --method unimodal:{modality}`"
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
             and isinstance(checkpoint.get("config"), dict) and isinstance(checkpoint["config"].get("model"), dict)):

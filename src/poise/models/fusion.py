@@ -23,6 +23,16 @@ class Fusion(nn.Module):
     #: the fusion treats every modality's features as points of one space (one head for all, or a sum of
     #: per-modality heads): the modality gap between them is meaningful and is logged
     shares_feature_space: bool = False
+    #: the number of modalities the fusion combines (None: any)
+    exact_modalities: int | None = None
+
+    @classmethod
+    def check_modalities(cls, name: str, modalities: tuple[str, ...]) -> None:
+        if cls.exact_modalities is not None and len(modalities) != cls.exact_modalities:
+            raise IncompatibleError(
+                f"{name} fusion combines exactly two modalities, got {len(modalities)} ({', '.join(modalities)}); "
+                "use concat, sum or shared for other counts"
+            )
 
     def __init__(self, feature_dims: dict[str, int], num_classes: int):
         super().__init__()
@@ -117,7 +127,7 @@ def _two(name: str, feature_dims: dict[str, int]) -> tuple[str, str]:
     if len(feature_dims) != 2:
         raise IncompatibleError(
             f"{name} fusion combines exactly two modalities, got {len(feature_dims)} ({', '.join(feature_dims)}); "
-            "use concat, sum or mfb for other counts"
+            "use concat, sum or shared for other counts"
         )
     a, b = feature_dims
     return a, b
@@ -125,6 +135,8 @@ def _two(name: str, feature_dims: dict[str, int]) -> tuple[str, str]:
 
 class GatedFusion(_AuxiliaryHeads):
     """``fc_out(sigmoid(fc_a(h_a)) * fc_b(h_b))``: the first modality gates the second."""
+
+    exact_modalities = 2
 
     def __init__(self, feature_dims: dict[str, int], num_classes: int, hidden: int = 64):
         super().__init__(feature_dims, num_classes)
@@ -142,6 +154,8 @@ class GatedFusion(_AuxiliaryHeads):
 
 class FiLMFusion(_AuxiliaryHeads):
     """``fc_out(gamma(h_a) * h_b + beta(h_a))``: the first modality conditions the second."""
+
+    exact_modalities = 2
 
     def __init__(self, feature_dims: dict[str, int], num_classes: int):
         super().__init__(feature_dims, num_classes)
@@ -180,7 +194,9 @@ def mfb_pool(projections: list[Tensor], factors: int, root_eps: float = 1e-8) ->
 
 
 class MFBFusion(_AuxiliaryHeads):
-    """Multi-modal factorised bilinear pooling (Yu et al., ICCV 2017), generalised to M modalities.
+    """Multi-modal factorised bilinear pooling (Yu et al., ICCV 2017) of two modalities (``mfb_pool`` and
+    this module compute the M-modality product too, but a run refuses other counts: the method is defined
+    and tested for pairs).
 
     Each modality's feature is projected to ``factors * output_dim`` dims; the projections are multiplied
     element-wise across modalities (two modalities: the paper's low-rank bilinear form; M modalities: a
@@ -195,6 +211,8 @@ class MFBFusion(_AuxiliaryHeads):
     but buries the bilinear signal under a constant after normalisation: training barely moves.)
     Not decomposable: auxiliary per-modality heads give the unimodal logits.
     """
+
+    exact_modalities = 2
 
     def __init__(self, feature_dims: dict[str, int], num_classes: int, factors: int = 5, output_dim: int = 256,
                  dropout: float = 0.1):

@@ -89,6 +89,7 @@ def build_model(
         cls = ENCODERS[encoders.get(m, DEFAULT_ENCODER[spec.kind])]
         modules[m] = cls(spec, feature_dim, **(encoder_options or {}).get(m, {}))
     fusion_cls = FUSIONS[fusion]
+    fusion_cls.check_modalities(fusion, modalities)
     valid = [p for p in inspect.signature(fusion_cls.__init__).parameters if p not in ("self", "feature_dims", "num_classes")]
     for key in fusion_options or {}:
         if key not in valid:

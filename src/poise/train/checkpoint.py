@@ -83,6 +83,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---- reading --------------------------------------------------------------------------------------------
+def read_torch_file(path: Path, what: str, prefix: str = "") -> Any:
+    """A file written by ``torch.save``, read with ``weights_only=True``; one sentence of our own when it is
+    empty or unreadable (never torch's advice to load it unsafely)."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise DataError(f"{prefix}'{path}' is empty (0 bytes), not {what}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unpickling errors come in many types; their text advises unsafe loading
+        raise DataError(f"{prefix}'{path}' cannot be read as {what}: it is truncated, damaged or holds objects other "
+                        "than tensors and plain containers") from None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A run checkpoint, read with ``weights_only=True``; one clear sentence when it is missing or broken."""
     path = Path(path)
@@ -91,10 +104,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"cannot resume: '{path}' does not exist (the run stopped before its first checkpoint, or "
             "trainer.checkpoint was false); start the run again without --resume"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise DataError(f"cannot resume: '{path}' cannot be read as a poise checkpoint: {err}") from None
+    state = read_torch_file(path, "a poise run checkpoint", prefix="cannot resume: ")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"cannot resume: '{path}' is not a poise run checkpoint (format {CHECKPOINT_FORMAT})")
     return state
@@ -111,5 +121,5 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else prefix.rstrip(".") or "(the whole configuration)"
 
 
-__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "atomic_save", "first_difference", "load_checkpoint", "rng_state",
+__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "atomic_save", "first_difference", "load_checkpoint", "read_torch_file", "rng_state",
            "set_rng_state", "to_cpu"]

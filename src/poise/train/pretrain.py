@@ -271,10 +271,9 @@ def load_encoders(model: nn.Module, init_dir: str | Path) -> list[str]:
     file = path / ENCODERS_FILE if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"pre-trained encoders '{file}' do not exist: give a folder written by 'poise pretrain'")
-    try:
-        saved = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise DataError(f"pre-trained encoders '{file}' cannot be read: {err}") from None
+    from poise.train.checkpoint import read_torch_file
+
+    saved = read_torch_file(file, "pre-trained encoders written by 'poise pretrain'")
     if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
         raise DataError(f"'{file}' is not a file written by 'poise pretrain' (expected modality -> encoder weights)")
     for m in model.modalities:

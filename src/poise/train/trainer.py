@@ -20,6 +20,7 @@ import copy
 import itertools
 import json
 import math
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -69,6 +70,7 @@ from poise.train.distributed import (
 )
 from poise.train.engine import NonFiniteError, StepEngine
 from poise.train.evaluation import evaluate_split
+from poise.train.run_files import RESULT_FILE, atomic_write_text, write_run_description
 from poise.train.sampler import ShardedBatchSampler
 
 Tensor = torch.Tensor
@@ -89,6 +91,8 @@ class RunResult:
     #: protocol released only: the test metrics of the epoch with the best TEST accuracy, as the released
     #: code of OGM-GE, MLA and BalanceBenchmark reports them; test-selected, never comparable with ``test``
     released_test_selected: dict[str, Any] | None = None
+    #: sentences about the run a user must read (a modality that learned nothing, with likely causes)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,15 +118,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -208,6 +203,25 @@ class EpochStats:
         )
 
 
+FINITE_INPUTS_HEAD_OR_METHOD = ("every modality's input, encoder weights and features are finite: the fusion head or "
+                                "the method's own computation went bad")
+
+
+def chance_level(dataset: Dataset, num_classes: int) -> tuple[float, float]:
+    """The accuracy of always answering the split's most frequent class, and the highest accuracy that
+    guessing reaches by luck on a split of this size (two binomial standard errors above it)."""
+    from poise.data.base import split_labels
+
+    labels = split_labels(dataset)
+    if labels is None or len(labels) == 0:
+        chance, n = 1.0 / num_classes, max(len(dataset), 1)
+    else:
+        import numpy as np
+
+        chance, n = float(np.bincount(labels).max()) / len(labels), len(labels)
+    return chance, chance + 2.0 * math.sqrt(chance * (1.0 - chance) / n)
+
+
 class Trainer:
     """Trains one method on one dataset with one seed, selects the best epoch on the validation split,
     and reports test metrics of that epoch's weights.
@@ -217,8 +231,10 @@ class Trainer:
 
     def __init__(self, splits: DataSplits, method: Method, config: RunConfig, seed: int = 0,
                  out_dir: str | Path | None = None, method_name: str | None = None, init_dir: str | Path | None = None,
-                 resume: bool = False):
+                 resume: bool = False, epoch_lines: bool = True):
         self.splits, self.method, self.config, self.seed = splits, method, config, seed
+        #: print one line per epoch when the progress bar cannot show (output not on a terminal)
+        self.epoch_lines = epoch_lines
         self.init_dir = Path(init_dir) if init_dir is not None else None
         self.method_name = method_name or method.name
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -231,9 +247,16 @@ class Trainer:
             self.device = init_distributed(self.device, t.dist_backend)
         if t.amp == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("trainer.amp bf16 needs a GPU with bfloat16 support; use fp16 on this one")
+        from poise.data.base import check_splits
+
+        check_splits(splits, f"dataset '{splits.source or splits.info.name}'",
+                     empty_val=config.data.protocol == "released")
         self.modalities = method.modalities(tuple(splits.info.modalities))
         self.fusion = config.model.fusion or method.default_fusion
         method.check(splits.info, self.modalities, self.fusion)
+        from poise.models.fusion import FUSIONS
+
+        FUSIONS[self.fusion].check_modalities(self.fusion, self.modalities)
         if method.owns_optimizer_step and t.accumulate > 1:
             raise IncompatibleError(
                 f"method '{self.method_name}' takes its own optimizer steps within each batch and cannot accumulate "
@@ -353,11 +376,22 @@ class Trainer:
         test_loader = self.make_loader(self.splits.test, shuffle=False)
         first_epoch, partial = 0, None
         if self.resume:
+            from poise.train.run_files import RUN_FILE, stored_statistics
+
+            stored = stored_statistics(self.out_dir)
+            if stored is not None and stored != self.splits.standardization:
+                raise ConfigError(f"cannot resume: the splits are standardised with other statistics than those in "
+                                  f"'{self.out_dir / RUN_FILE}'; load them with splits_for(dataset, config, statistics) "
+                                  "from that file")
             first_epoch, partial = self._restore(load_checkpoint(self.out_dir / CHECKPOINT_FILE))
         main = is_main_process()
+        if self.out_dir is not None and main and not self.resume:
+            write_run_description(self.out_dir, self.description())
         writer, log_file = self._open_logs(first_epoch) if main else (None, None)
         bar = tqdm(range(first_epoch, t.epochs), desc=self.method_name, disable=not (t.progress and main) or None,
                    leave=False)
+        # off a terminal the bar is silent: one line per epoch instead
+        epoch_lines = t.progress and main and self.epoch_lines and not sys.stderr.isatty()
         try:
             for epoch in bar:
                 epoch_start = time.perf_counter() - (partial.seconds if partial is not None else 0.0)
@@ -390,6 +424,8 @@ class Trainer:
                 self._save_checkpoint(epoch + 1, None)
                 if has_val:
                     bar.set_postfix(val_acc=f"{val['accuracy']:.3f}")
+                if epoch_lines:
+                    print(self._epoch_line(entry), flush=True)
         finally:
             bar.close()
             if writer is not None:
@@ -418,9 +454,12 @@ class Trainer:
                 probe = linear_probe(model, probe_train, probe_test, self.device)
             probe = broadcast_object(probe)
         test["probe_accuracy"] = probe
-        return RunResult(self.method_name, self.seed, self.config.model_dump(), best["epoch"], train_seconds, test,
-                         self.history, "validation" if has_val else "last epoch",
-                         test_selected(self.history) if released else None)
+        result = RunResult(self.method_name, self.seed, self.config.model_dump(), best["epoch"], train_seconds, test,
+                           self.history, "validation" if has_val else "last epoch",
+                           test_selected(self.history) if released else None, notes=self._chance_notes(probe))
+        if self.out_dir is not None and main:
+            self.write_result(result)
+        return result
 
     def _binary_tasks(self, model, method, loader) -> dict[str, dict[str, float]]:
         from poise.eval.metrics import binary_tasks, predict_batches
@@ -431,6 +470,77 @@ class Trainer:
             batches = gather_strided(batches)
         logits, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
         return binary_tasks(logits.argmax(1).cpu(), labels.cpu(), list(self.splits.info.class_names))
+
+    def write_result(self, result: RunResult) -> None:
+        """``result.json``: the dataset and the run's result, as ``poise train`` and ``poise bench`` leave it."""
+        atomic_write_text(json.dumps({"dataset": self.splits.source, **result.to_dict()}, indent=1),
+                          self.out_dir / RESULT_FILE)
+
+    def description(self) -> dict[str, Any]:
+        """``run.json``: what ``poise eval`` and ``--resume`` rebuild this run from. Options given to the
+        method object directly (``make_method(name, options)``) are recorded in the configuration."""
+        config = self.config.model_dump()
+        spec = self.method.spec
+        base = spec.partition(":")[0]
+        options = self.method.params.model_dump(exclude_unset=True)
+        if base == "unimodal":
+            options.pop("modality", None)
+        if options and config["method"].get(base) != options:
+            config["method"][base] = {**config["method"].get(base, {}), **options}
+        return {"dataset": self.splits.source, "method": spec, "name": self.method_name, "seed": self.seed,
+                "init": None if self.init_dir is None else str(self.init_dir), "config": config,
+                "standardization": self.splits.standardization}
+
+    def _epoch_line(self, entry: dict[str, Any]) -> str:
+        val = entry["val"] or {"accuracy": float("nan")}
+        per_modality = ", ".join(f"{m} {a:.4f}" for m, a in val.get("unimodal_accuracy", {}).items())
+        return (f"{self.method_name} epoch {entry['epoch'] + 1}/{self.config.trainer.epochs}: train loss "
+                f"{entry['train_loss']:.4f}, val accuracy {val['accuracy']:.4f}"
+                + (f" ({per_modality})" if per_modality else "") + f", {entry['seconds']:.1f} s")
+
+    def _chance_notes(self, probe: dict[str, float]) -> list[str]:
+        """One sentence, with the likely causes, for each modality whose validation head accuracy stayed at
+        chance in every epoch, or whose linear probe scored at chance."""
+        num_classes = self.splits.info.num_classes
+        chance_val, limit_val = chance_level(self.splits.val, num_classes)
+        chance_test, limit_test = chance_level(self.splits.test, num_classes)
+        notes = []
+        for m in self.model.modalities:
+            heads = [(e["val"] or {}).get("unimodal_accuracy", {}).get(m) for e in self.history]
+            heads = [a for a in heads if a is not None and not math.isnan(a)]
+            best = max(heads) if heads else None
+            head_low = best is not None and best <= limit_val
+            p = probe.get(m)
+            probe_low = p is not None and not math.isnan(p) and p <= limit_test
+            probe_text = "" if p is None or math.isnan(p) else f" and a linear probe on its encoder scores {p:.3f} on test (chance {chance_test:.3f})"
+            spec = self.splits.info.modalities[m]
+            scale = ("" if self.config.data.standardize or spec.kind not in ("vector", "sequence")
+                     else "its features on a large or offset scale (set data.standardize=true), ")
+            if head_low and (probe_low or probe_text == ""):
+                notes.append(
+                    f"modality '{m}' learned nothing: its validation accuracy stayed at chance for the whole run "
+                    f"({best:.3f} at best, chance {chance_val:.3f}){probe_text}; likely causes: {scale}a modality that "
+                    f"carries no information about the labels, a learning rate too high or too low for it, or another "
+                    f"modality that dominated training (compare with unimodal:{m})")
+            elif head_low and len(self.model.modalities) == 1:
+                notes.append(
+                    f"modality '{m}': the model stayed at chance in validation for the whole run ({best:.3f} at best, "
+                    f"chance {chance_val:.3f}), although a linear probe on its encoder scores {p:.3f} on test: the "
+                    "encoder learned something but the head did not; likely causes: too few epochs, or a learning "
+                    "rate too high or too low")
+            elif head_low:
+                notes.append(
+                    f"modality '{m}': the model's own head for it stayed at chance in validation for the whole run "
+                    f"({best:.3f} at best, chance {chance_val:.3f}), although a linear probe on its encoder scores "
+                    f"{p:.3f} on test: its encoder learned but the fused model ignores it; likely cause: another "
+                    "modality dominates the shared head (the imbalance that ogm_ge, mla and the other balancing "
+                    "methods counter)")
+            elif probe_low:
+                notes.append(
+                    f"modality '{m}': a linear probe on its encoder scores at chance on test ({p:.3f}, chance "
+                    f"{chance_test:.3f}) although its head reached {best:.3f} in validation; likely causes: "
+                    f"{scale}too few training samples for the probe, or encoder features that collapsed")
+        return notes
 
     def _train_epoch(self, epoch: int, loader, stats: EpochStats) -> dict[str, Any]:
         model, method, ctx, engine = self.model, self.method, self.ctx, self.engine
@@ -482,7 +592,16 @@ class Trainer:
             except NonFiniteError as err:
                 in_group = bool(group) and group[-1][0] is batch
                 pending = group + ([(batch, output)] if output is not None and not in_group else [])
-                raise NonFiniteError(f"{err}; {self._diagnose(pending)}") from None
+                if not any(b is batch for b, _ in pending):
+                    pending.append((batch, output))
+                diagnosis = self._diagnose(pending)
+                large = self._large_inputs(pending) if not diagnosis.startswith("the input of") else ""
+                if large:
+                    if diagnosis == FINITE_INPUTS_HEAD_OR_METHOD:
+                        diagnosis = "every modality's input, encoder weights and features are finite"
+                    diagnosis += (f"; {large}: unscaled features are a likely cause (set data.standardize=true, or "
+                                  "lower trainer.lr)")
+                raise NonFiniteError(f"{err}; {diagnosis}") from None
             with torch.no_grad():
                 for k, v in terms.items():
                     stats.totals[k] = stats.totals.get(k, 0.0) + v.detach().float()
@@ -571,15 +690,24 @@ class Trainer:
                 return f"the encoder weights of modality '{m}' are not finite"
         for m in model.modalities:
             for _, output in pending:
-                if m in output.features and not bool(torch.isfinite(output.features[m].detach()).all()):
+                if output is not None and m in output.features and not bool(torch.isfinite(output.features[m].detach()).all()):
                     return f"the features of modality '{m}' (its encoder's output) are not finite"
         for m in model.modalities:
             for _, output in pending:
-                z = output.unimodal_logits.get(m)
+                z = None if output is None else output.unimodal_logits.get(m)
                 if z is not None and not bool(torch.isfinite(z.detach()).all()):
                     return f"the unimodal logits of modality '{m}' are not finite"
-        return ("every modality's input, encoder weights and features are finite: the fusion head or the method's "
-                "own computation went bad")
+        return FINITE_INPUTS_HEAD_OR_METHOD
+
+    def _large_inputs(self, pending: list[tuple[MultimodalBatch, ModelOutput]], limit: float = 100.0) -> str:
+        """'the inputs of modality m reach |x| = ...' for the floating-point inputs beyond ``limit``."""
+        largest: dict[str, float] = {}
+        for batch, _ in pending:
+            for m, x in batch.inputs.items():
+                if x.is_floating_point() and x.numel() and m in self.model.modalities:
+                    largest[m] = max(largest.get(m, 0.0), float(x.detach().abs().max()))
+        big = [f"'{m}' reach |x| = {v:.3g}" for m, v in largest.items() if math.isfinite(v) and v > limit]
+        return ("the inputs of modality " + " and ".join(big)) if big else ""
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _save_checkpoint(self, epoch: int, partial: EpochStats | None) -> None:
@@ -689,5 +817,5 @@ class Trainer:
                     writer.add_scalar(key.replace(".", "/"), value, entry["epoch"])
 
 
-__all__ = ["EpochStats", "NonFiniteError", "RunResult", "Trainer", "atomic_save", "atomic_write_text", "concat_batches",
+__all__ = ["chance_level", "EpochStats", "NonFiniteError", "RunResult", "Trainer", "atomic_save", "atomic_write_text", "concat_batches",
            "concat_outputs", "resolve_device", "seed_everything"]
