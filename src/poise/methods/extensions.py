@@ -222,6 +222,13 @@ class Distill(Method):
         if teacher is not None and teacher not in modalities:
             raise IncompatibleError(f"distill teacher '{teacher}' is not a trained modality{closest(teacher, modalities)}")
 
+    def per_batch_decision(self) -> str | None:
+        if self.params.teacher is None:
+            return "chooses its teacher by confidence ratio"
+        if self.params.students == "weakest":
+            return "chooses its student by confidence ratio"
+        return None
+
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
         self._teacher_index = None if self.params.teacher is None else ctx.model.modalities.index(self.params.teacher)

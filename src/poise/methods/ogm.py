@@ -204,6 +204,9 @@ class OPM(Method):
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
 
+    def per_batch_decision(self) -> str | None:
+        return "draws whether to drop features and computes its confidence ratio"
+
     # ---- ratio estimate ---------------------------------------------------------------------------
     def _ratios(self, unimodal_logits: dict[str, Tensor], batch: MultimodalBatch) -> Tensor:
         unimodal = {m: unimodal_logits[m] for m in self._modalities}
