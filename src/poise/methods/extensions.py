@@ -65,7 +65,8 @@ class _ModulationWindow(MethodParams):
 
 # ---- boost_weak ------------------------------------------------------------------------------------
 class BoostWeakParams(_ModulationWindow):
-    alpha: float = Field(0.8, ge=0, description="strength: k_weak = 1 + tanh(alpha * relu(rho_dom - 1)), at most 2")
+    alpha: float = Field(0.8, ge=0, description="strength: k_m = 1 + tanh(alpha * relu(1 / rho_m - 1)), at most 2 "
+                         "(two modalities: 1 + tanh(alpha * relu(rho_dom - 1)) for the weak one)")
     mode: Literal["grad", "lr"] = Field(
         "grad",
         description="grad: multiply the weak encoder's gradients by k; lr: multiply its learning rate by k for "
