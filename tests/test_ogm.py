@@ -515,18 +515,37 @@ def test_opm_current_ratio_is_this_batch_and_leaves_norm_statistics_alone():
 
 
 def test_opm_never_drops_at_evaluation(monkeypatch):
+    from poise.eval.metrics import predict_batches
+
     (splits, cfg) = synthetic(2, num_samples=120)
-    method = make_method("opm", {"p_exe": 1.0, "warmup_epochs": 0})
+    method = make_method("opm", {"p_exe": 1.0, "warmup_epochs": 0, "q_base": 0.9})
     trainer = Trainer(splits, method, cfg, seed=0)
-    trainer.fit()
+    result = trainer.fit()
+    # training did drop: a modality's features were dropped with probability q > 0.45 in every epoch
+    assert all(max(h["method"]["q/audio"], h["method"]["q/visual"]) > 0.45 for h in result.history)
 
     def refuse(*args, **kwargs):
         raise AssertionError("on_step_start ran during evaluation")
 
     monkeypatch.setattr(method, "on_step_start", refuse)
+    model, scales = trainer.model, []
+    forward = model.forward
+
+    def spy(batch, feature_scale=None):
+        scales.append(feature_scale)
+        return forward(batch, feature_scale=feature_scale)
+
+    monkeypatch.setattr(model, "forward", spy)
     loader = trainer.make_loader(splits.test, shuffle=False)
-    first = evaluate(trainer.model, method, loader, 4, torch.device("cpu"))
-    assert evaluate(trainer.model, method, loader, 4, torch.device("cpu")) == first
+    predictions = predict_batches(model, method, loader, torch.device("cpu"))
+    assert scales and all(s is None for s in scales)
+    # the evaluated logits are the head on every modality's full, unscaled features
+    model.eval()
+    for (fused, *_), batch in zip(predictions, loader):
+        with torch.no_grad():
+            full, _ = model.fusion(model.encode(batch))
+        torch.testing.assert_close(fused, full)
+    assert evaluate(model, method, loader, 4, torch.device("cpu"))["accuracy"] == result.test["accuracy"]
 
 
 # ---- end to end ------------------------------------------------------------------------------------
