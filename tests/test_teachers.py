@@ -92,7 +92,7 @@ def test_umt_loss_is_ce_plus_weighted_mse_to_frozen_teachers_and_never_reads_tes
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
         assert all(p is not q for p in teacher.parameters() for q in ctx.model.parameters())
     records = method.pop_records()
-    assert 0.0 <= records["teacher_val_accuracy/audio"] <= 1.0
+    assert records["teacher_val_accuracy/audio"] > 0.35  # the strong modality alone: chance is 0.25
     batch = next(iter(trainer.train_loader))
     output = ctx.model(batch)
     terms = method.loss(output, batch)
