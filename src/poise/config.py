@@ -51,7 +51,8 @@ class TrainerConfig(_Strict):
 
 class DataConfig(_Strict):
     val_fraction: float = Field(0.15, gt=0, lt=1, description="share of the training data held out for model selection")
-    missing_rate: float = Field(0.0, ge=0, lt=1, description="per-modality missing probability, train and val (never every modality of a sample: one is restored at random)")
+    missing_rate: float = Field(0.0, ge=0, lt=1, description="per-modality missing probability, train and val "
+                                "(never every modality of a sample: one is restored at random)")
     missing_rate_test: float | None = Field(None, ge=0, lt=1, description="missing probability on test (default: missing_rate)")
     split_seed: int = Field(0, ge=0, description="seed of the data splits (kept apart from the run seed)")
 
