@@ -80,7 +80,7 @@ def test_owm_updates_are_recursive_least_squares():
 
 
 def test_owm_update_rejects_non_positive_alpha():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="owm alpha must be positive"):
         owm_update(torch.eye(2), torch.ones(2), 0.0)
 
 
@@ -181,7 +181,7 @@ def test_fixed_fusion_weights_with_missing():
     w = fixed_fusion_weights([0.55, 0.45], ["a", "v"], present)
     torch.testing.assert_close(w["a"], torch.tensor([0.55, 0.0]))
     torch.testing.assert_close(w["v"], torch.tensor([0.45, 1.0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 fixed weights for 2 modalities"):
         fixed_fusion_weights([1.0], ["a", "v"], present)
 
 
@@ -498,9 +498,9 @@ def test_refusals():
         Trainer(splits, make_method("mla", {"modality_order": ["audio"]}), cfg)
     with pytest.raises(IncompatibleError, match="shared"):
         Trainer(splits, make_method("mla"), build_config({"trainer": FAST, "model": {"fusion": "concat"}}))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="'method.mla.fixed_weights'.*non-negative with a positive sum"):
         make_method("mla", {"fixed_weights": [-1.0, 2.0]})
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="'official' for 'method.mla.variant'.*'paper' or 'released'"):
         make_method("mla", {"variant": "official"})
 
 

@@ -56,7 +56,7 @@ def test_ensemble_logits_and_probabilities_match_naive_loops():
     # the sum over present members picks the same class as the mean
     summed = torch.stack([z[m] * present[:, j, None] for j, m in enumerate(names)]).sum(0)
     assert torch.equal(summed[:3].argmax(1), mean_logits[:3].argmax(1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="combine must be 'logits' or 'probs', got 'votes'"):
         ensemble_logits(z, present, "votes")
 
 
