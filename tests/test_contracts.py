@@ -156,6 +156,7 @@ def test_registries_name_the_closest_key():
 def test_method_hooks_have_documented_defaults():
     m = Method()
     assert m.on_epoch_start(0, None) is None and m.on_step_start(None) is None
+    assert m.per_batch_decision() is None  # the default decides nothing per batch: accumulation is allowed
     m.record("x", 1.0)
     m.record("x", torch.tensor(3.0))
     assert m.pop_records() == {"x": 2.0}
