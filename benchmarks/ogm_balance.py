@@ -123,7 +123,7 @@ def encoder_displacement(optimizer_name: str, k: float, steps: int = 200, seed: 
             opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-        groups = [select_modulated_parameters(model.modality_parameters(m)) for m in model.modalities]
+        groups = [select_modulated_parameters(model.encoders[m]) for m in model.modalities]
         start = [p.detach().clone() for p in groups[0]]
         coefficients = torch.tensor([scale] + [1.0] * (len(groups) - 1))
         step = 0

@@ -99,20 +99,42 @@ def test_fp16_with_scaler_trains_and_methods_see_unscaled_gradients(name):
         assert torch.linalg.vector_norm(g16 - g32) / torch.linalg.vector_norm(g32) < 0.02
 
 
-@pytest.mark.parametrize("name", ["joint", "ogm_ge"])
-def test_accumulating_two_micro_batches_equals_one_batch(name):
-    splits, _ = synthetic(2, num_samples=240)
-    logs, coefficients, models = {}, {}, {}
+#: methods (with options) that decide nothing from a single micro-batch: a step of two micro-batches
+#: must train exactly as one step on the whole batch
+DECIDE_PER_STEP = {
+    "joint": {}, "unimodal:audio": {}, "ogm": {}, "ogm_ge": {}, "boost_weak": {},
+    "boost_weak[lr]": {"mode": "lr"}, "uncertainty": {}, "distill[fixed teacher]": {"teacher": "audio"},
+    "gblend": {"estimate_epochs": 1}, "umt": {"teacher_epochs": 1},
+}
+#: methods that decide per batch (a coin, a ratio, a teacher) or take their own steps: they refuse
+REFUSE = {"opm": {}, "distill": {}, "distill[weakest student]": {"teacher": "audio", "students": "weakest"},
+          "mla": {}, "ume": {}}
+#: per-sample random draws: the law of a decision does not depend on how a step is split
+PER_SAMPLE = {"modality_dropout"}
+
+
+def test_every_method_is_classified_for_accumulation():
+    from poise.methods import METHODS
+
+    names = {k.split("[")[0].split(":")[0] for k in [*DECIDE_PER_STEP, *REFUSE]} | PER_SAMPLE
+    assert names == set(METHODS)
+
+
+@pytest.mark.parametrize("case", list(DECIDE_PER_STEP))
+def test_accumulating_two_micro_batches_equals_one_batch(case):
+    name, options = case.split("[")[0], DECIDE_PER_STEP[case]
+    splits, _ = synthetic(2, num_samples=160)
+    logs, records, histories, models = {}, {}, {}, {}
     for accumulate in (1, 2):
-        cfg = fast_config(trainer={"epochs": 1, "accumulate": accumulate})
+        cfg = fast_config(trainer={"epochs": 1, "accumulate": accumulate, "batch_size": 32})
         log: dict = {}
-        method = spy(make_method(name), log)
-        records: list[float] = []
+        method = spy(make_method(name, options), log)
+        steps: list[tuple[str, float]] = []
         record = method.record
-        method.record = lambda k, v, record=record, records=records: (records.append(float(v)) if k.startswith("coef/") else None, record(k, v))
-        trainer = Trainer(splits, method, cfg, seed=0)
-        trainer.fit()
-        logs[accumulate], coefficients[accumulate] = log, records
+        method.record = lambda k, v, record=record, steps=steps: (steps.append((k, float(v.detach() if isinstance(v, torch.Tensor) else v))), record(k, v))
+        trainer = Trainer(splits, method, cfg, seed=0, method_name=name)
+        result = trainer.fit()
+        logs[accumulate], records[accumulate], histories[accumulate] = log, steps, result.history
         models[accumulate] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     one, two = logs[1], logs[2]
     assert two["micro"] == 2 * one["micro"] and two["steps"] == one["steps"]  # after_backward once per step
@@ -120,9 +142,24 @@ def test_accumulating_two_micro_batches_equals_one_batch(name):
     for step_one, step_two in zip(one["grads"], two["grads"]):
         for a, b in zip(step_one, step_two):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
-    assert coefficients[1] == pytest.approx(coefficients[2], abs=1e-5)
+    # every decision taken once per step has the same value; loss-time records repeat once per micro-batch
+    after = {k for k, _ in records[1]} - {k for k, _ in records[1] if k.startswith(("weight/", "kd", "teacher/", "fallback_uniform"))}
+    assert [v for k, v in records[1] if k in after] == pytest.approx([v for k, v in records[2] if k in after], abs=1e-5)
+    for h1, h2 in zip(histories[1], histories[2]):
+        assert h1["method"] == pytest.approx(h2["method"], abs=1e-5)
     for key, value in models[1].items():
-        assert torch.allclose(value, models[2][key], atol=1e-5), key
+        assert torch.allclose(value.float(), models[2][key].float(), atol=1e-5), key
+
+
+@pytest.mark.parametrize("case", list(REFUSE))
+def test_methods_that_decide_per_batch_refuse_accumulation_and_train_without(case):
+    from poise.errors import IncompatibleError
+
+    name, options = case.split("[")[0], REFUSE[case]
+    splits, _ = synthetic(2, num_samples=120)
+    with pytest.raises(IncompatibleError, match=f"method '{name}' .*set trainer.accumulate to 1"):
+        Trainer(splits, make_method(name, options), fast_config(trainer={"accumulate": 2}))
+    Trainer(splits, make_method(name, options), fast_config(trainer={"accumulate": 1}))
 
 
 def test_methods_that_own_the_step_refuse_accumulation():

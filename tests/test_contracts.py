@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poise.data import DatasetInfo, ModalitySpec, MultimodalBatch, collate
+from poise.data import DATASETS, DatasetInfo, ModalitySpec, MultimodalBatch, collate
 from poise.data.base import TensorMultimodalDataset, missing_mask, stratified_split
 from poise.errors import ConfigError, IncompatibleError
 from poise.methods import METHODS, Method
@@ -144,8 +144,11 @@ def test_registries_name_the_closest_key():
     reg = Registry("widget", {"alpha": 1, "beta": 2})
     with pytest.raises(ConfigError, match="did you mean 'alpha'"):
         reg["alpah"]
-    for r in (METHODS, FUSIONS, ENCODERS):
-        assert len(r) > 0
+    for r in (METHODS, FUSIONS, ENCODERS, DATASETS):
+        assert len(r) >= 3
+        for key in r:  # a one-letter typo of every registered name points back to that name
+            with pytest.raises(ConfigError, match=f"unknown {r.kind} '{key}x' \\(did you mean '{key}'\\?\\)"):
+                r[key + "x"]
     with pytest.raises(ConfigError, match="unknown fusion"):
         FUSIONS["concatt"]
 
@@ -153,6 +156,7 @@ def test_registries_name_the_closest_key():
 def test_method_hooks_have_documented_defaults():
     m = Method()
     assert m.on_epoch_start(0, None) is None and m.on_step_start(None) is None
+    assert m.per_batch_decision() is None  # the default decides nothing per batch: accumulation is allowed
     m.record("x", 1.0)
     m.record("x", torch.tensor(3.0))
     assert m.pop_records() == {"x": 2.0}

@@ -1,5 +1,8 @@
+import math
+
 import numpy as np
 import pytest
+import torch
 
 from poise.config import DataConfig
 from poise.data import load_dataset
@@ -88,8 +91,21 @@ def test_synthetic_signal_knob_orders_modalities():
 
 
 def test_missing_rate_applies_per_split():
-    from conftest import synthetic
-
-    splits, _ = synthetic(2, missing_rate=0.4)
-    for s in (splits.train, splits.val, splits.test):
-        assert (~s.present).any() and s.present.any(dim=1).all()
+    """Each modality is drawn missing with probability r, and a sample that lost every modality gets one
+    back at random: per modality r - r^M / M is missing (two modalities: 0.4 -> 0.32, 0.1 -> 0.095)."""
+    options = {"num_samples": 4000, "modalities": {"audio": {"dim": 2}, "visual": {"dim": 2}}}
+    splits = load_dataset("synthetic", options, DataConfig(missing_rate=0.4, missing_rate_test=0.1))
+    for s, rate in ((splits.train, 0.4), (splits.val, 0.4), (splits.test, 0.1)):
+        present = s.present
+        expected = rate - rate**2 / 2
+        n = present.shape[0]
+        tolerance = 4 * math.sqrt(expected * (1 - expected) / n)  # four standard deviations
+        for j in range(2):
+            assert abs(float((~present[:, j]).float().mean()) - expected) < tolerance, (n, rate, j)
+        assert present.any(dim=1).all()  # never every modality of a sample
+        # both missing was drawn with probability r^2; those samples keep exactly one modality
+        one_left = float((present.sum(1) == 1).float().mean())
+        assert abs(one_left - 2 * rate * (1 - rate) - rate**2) < 4 * math.sqrt(0.25 / n)
+    assert not torch.equal(splits.train.present[: len(splits.val)], splits.val.present)  # one draw per split
+    clean = load_dataset("synthetic", options, DataConfig(missing_rate=0.4, missing_rate_test=0.0))
+    assert bool(clean.test.present.all())

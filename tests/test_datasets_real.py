@@ -278,8 +278,21 @@ def test_cremad_trains_end_to_end_with_resnet18(cremad_root):
                             "trainer": {"epochs": 1, "batch_size": 6, "progress": False, "tensorboard": False, "probe": False}})
     assert cfg.model.encoders == {"audio": "resnet18", "visual": "resnet18"} and cfg.model.feature_dim == 512
     splits = load_dataset(spec, cfg.dataset, cfg.data)
-    result = Trainer(splits, make_method("joint", {}), cfg, seed=0).fit()
-    assert 0.0 <= result.test["accuracy"] <= 1.0
+    method = make_method("joint", {})
+    initial: dict = {}
+    setup = method.setup
+
+    def snapshot(ctx):
+        initial.update({n: p.detach().clone() for n, p in ctx.model.named_parameters()})
+        setup(ctx)
+
+    method.setup = snapshot
+    trainer = Trainer(splits, method, cfg, seed=0)
+    result = trainer.fit()
+    assert 0.0 <= result.test["accuracy"] <= 1.0 and math.isfinite(result.history[0]["train_loss"])
+    for m in ("audio", "visual"):  # both ResNet-18 encoders took optimizer steps
+        assert any(not torch.equal(p.detach(), initial[n]) for n, p in trainer.model.named_parameters()
+                   if n.startswith(f"encoders.{m}.")), m
 
 
 # ---- Kinetics-Sounds, AVE, VGGSound, UCF-101 --------------------------------------------------------

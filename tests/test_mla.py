@@ -80,7 +80,7 @@ def test_owm_updates_are_recursive_least_squares():
 
 
 def test_owm_update_rejects_non_positive_alpha():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="owm alpha must be positive"):
         owm_update(torch.eye(2), torch.ones(2), 0.0)
 
 
@@ -181,7 +181,7 @@ def test_fixed_fusion_weights_with_missing():
     w = fixed_fusion_weights([0.55, 0.45], ["a", "v"], present)
     torch.testing.assert_close(w["a"], torch.tensor([0.55, 0.0]))
     torch.testing.assert_close(w["v"], torch.tensor([0.45, 1.0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 fixed weights for 2 modalities"):
         fixed_fusion_weights([1.0], ["a", "v"], present)
 
 
@@ -261,8 +261,8 @@ def test_head_gradient_is_projected_in_paper_order():
     assert not torch.equal(steps[1]["grads"][2], steps[0]["grads"][2])
 
 
-def test_released_variant_projects_with_current_feature_after_first_step():
-    method, ctx, loader = make_setup({"variant": "released"})
+def test_released_projection_as_written_uses_the_current_feature_after_first_step():
+    method, ctx, loader = make_setup({"variant": "released", "gradient_modification": True})
     steps = spy_steps(ctx)
     feats = []
     for batch in list(loader)[:2]:
@@ -281,6 +281,102 @@ def test_released_variant_projects_with_current_feature_after_first_step():
         torch.testing.assert_close(grad_w, expected, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(P, P.T)  # the released matrix is not symmetric: P^T matters
     torch.testing.assert_close(method.projection, P)
+
+
+@pytest.mark.parametrize("options", [{"variant": "released"}, {"variant": "released", "gradient_modification": False}])
+def test_released_head_never_projects_the_head_gradient(options):
+    """At the released code's head the projection's name check never matches: every step applies the raw
+    head gradient and P stays the identity."""
+    method, ctx, loader = make_setup(options)
+    steps = spy_steps(ctx)
+    for batch in list(loader)[:2]:
+        with torch.no_grad():
+            feats = copy.deepcopy(ctx.model).encode(batch)
+        n = len(steps)
+        train_step(method, ctx, batch)
+        for step, m in zip(steps[n:], method.order):
+            grad_w, grad_b, w, b = step["grads"]
+            raw_w, raw_b = raw_head_grads(feats[m], batch.labels, w, b)
+            torch.testing.assert_close(grad_w, raw_w, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(grad_b, raw_b, rtol=1e-4, atol=1e-6)
+    assert len(steps) == 4
+    torch.testing.assert_close(method.projection, torch.eye(8, dtype=torch.float64))
+    assert not any(k.startswith("owm/") for k in method.pop_records())
+
+
+def test_torch18_zero_grad_keeps_moving_encoders_stepped_earlier_in_the_batch():
+    """SGD without momentum, weight decay wd: with zero gradients kept, the audio encoder (stepped first)
+    decays by (1 - lr * wd) again during the visual step; the visual encoder, whose gradient the previous
+    batch deleted, does not move during the audio step."""
+    lr, wd = 0.05, 0.01
+    for zero_grad, released in (("zeros", True), ("set_to_none", False)):
+        options = {"variant": "released", "zero_grad": zero_grad} if released else {"zero_grad": zero_grad}
+        method, ctx, loader = make_setup(options, momentum=0.0, weight_decay=wd, lr=lr)
+        assert method.order == ("audio", "visual")
+        model = ctx.model
+        snapshots = []
+        real_step = ctx.optimizer_step
+
+        def step(real_step=real_step, snapshots=snapshots, model=model):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            real_step()
+            snapshots.append((before, {n: p.detach().clone() for n, p in model.named_parameters()}))
+
+        ctx.optimizer_step = step
+        batches = list(loader)[:2]
+        for batch in batches:
+            train_step(method, ctx, batch)
+        audio = [n for n, _ in model.named_parameters() if n.startswith("encoders.audio.")]
+        visual = [n for n, _ in model.named_parameters() if n.startswith("encoders.visual.")]
+        for batch_index in range(2):
+            (a_before, a_after), (v_before, v_after) = snapshots[2 * batch_index: 2 * batch_index + 2]
+            for n in visual:  # audio's step: the visual encoder has no gradient (deleted after each batch)
+                assert torch.equal(a_before[n], a_after[n]), n
+            for n in audio:  # visual's step
+                if zero_grad == "zeros":
+                    torch.testing.assert_close(v_after[n], v_before[n] * (1 - lr * wd))
+                    assert not torch.equal(v_after[n], v_before[n])
+                else:
+                    assert torch.equal(v_after[n], v_before[n]), n
+
+
+def test_released_fixed_weights_and_order_follow_modality_roles():
+    """0.55 goes to the audio on audio-visual data and to the text on image-text data, whatever the
+    dataset's order; the alternating steps follow the same slots."""
+    from poise.data.base import DatasetInfo, ModalitySpec
+    from poise.methods.mla import released_fixed_weights, released_slots
+
+    av = DatasetInfo("t", {"visual": ModalitySpec("image", (1, 8, 8)), "audio": ModalitySpec("spectrogram", (1, 8, 8))}, 3)
+    assert released_fixed_weights(av, ("visual", "audio")) == {"audio": 0.55, "visual": 0.45}
+    it = DatasetInfo("t", {"img": ModalitySpec("image", (3, 8, 8)), "words": ModalitySpec("tokens", (5,), vocab_size=9)}, 3)
+    assert released_fixed_weights(it, ("img", "words")) == {"words": 0.55, "img": 0.45}
+    assert released_slots(it, ("img", "words")) == ("words", "img")
+    avt = DatasetInfo("t", {m: ModalitySpec("sequence", (4, 3)) for m in ("text", "visual", "audio")}, 3)
+    assert released_fixed_weights(avt, ("text", "visual", "audio")) == {"audio": 0.35, "visual": 0.25, "text": 0.40}
+    flow = DatasetInfo("t", {m: ModalitySpec("frames", (2, 3, 8, 8)) for m in ("rgb", "flow")}, 3)
+    assert released_fixed_weights(flow, ("rgb", "flow")) is None
+
+    cfg = build_config({"trainer": FAST, "model": {"feature_dim": 8}})
+    for names in (("image", "text"), ("text", "image")):
+        splits = load_dataset("synthetic", {"num_samples": 60, "modalities": {m: {"dim": 4} for m in names}}, cfg.data)
+        method = make_method("mla", {"variant": "released", "dynamic_fusion": False})
+        tr = Trainer(splits, method, cfg, seed=0)
+        model = tr.build_model()
+        method.setup(TrainContext(model=model, optimizer=tr.build_optimizer(model.parameters()), config=cfg,
+                                  info=splits.info, splits=splits, device=tr.device, seed=0, make_loader=tr.make_loader,
+                                  build_model=tr.build_model, build_optimizer=tr.build_optimizer))
+        assert method.order == ("text", "image")
+        batch = next(iter(tr.make_loader(splits.test, shuffle=False)))
+        with torch.no_grad():
+            out = model.eval()(batch)
+        weights = method.fusion_weights(out, batch)
+        torch.testing.assert_close(weights["text"], torch.full((len(batch),), 0.55))
+        torch.testing.assert_close(weights["image"], torch.full((len(batch),), 0.45))
+    with pytest.raises(IncompatibleError, match="fixed_weights"):
+        splits = load_dataset("synthetic", {"num_samples": 60, "modalities": {"rgb": {"dim": 4}, "flow": {"dim": 4}}}, cfg.data)
+        Trainer(splits, make_method("mla", {"variant": "released", "dynamic_fusion": False}), cfg)
+    named = make_method("mla", {"dynamic_fusion": False, "fixed_weights": {"flow": 1.0, "rgb": 3.0}})
+    Trainer(splits, named, cfg)  # explicit weights per modality name: accepted
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -402,9 +498,9 @@ def test_refusals():
         Trainer(splits, make_method("mla", {"modality_order": ["audio"]}), cfg)
     with pytest.raises(IncompatibleError, match="shared"):
         Trainer(splits, make_method("mla"), build_config({"trainer": FAST, "model": {"fusion": "concat"}}))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="'method.mla.fixed_weights'.*non-negative with a positive sum"):
         make_method("mla", {"fixed_weights": [-1.0, 2.0]})
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="'official' for 'method.mla.variant'.*'paper' or 'released'"):
         make_method("mla", {"variant": "official"})
 
 
@@ -424,4 +520,7 @@ def test_mla_trains(modalities, missing, options):
     assert set(f"fusion_weight/{m}" for m in list(mods)[:modalities]) <= set(records)
     if options.get("alternate", True):
         assert len(result.history[-1]["train_terms"]) == modalities
-        assert "owm/trace" in records and records["owm/trace"] < 64
+        if options.get("variant") == "released":  # its projection never runs
+            assert "owm/trace" not in records
+        else:
+            assert "owm/trace" in records and records["owm/trace"] < 64

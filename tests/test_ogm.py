@@ -193,15 +193,50 @@ def _conv_and_mlp_model():
     return model, batch
 
 
-def test_conv_mode_selects_4d_conv_weights_and_falls_back_to_weight_matrices():
+def _layers(encoder, kinds):
+    return [m for m in encoder.modules() if isinstance(m, kinds)]
+
+
+def test_default_selection_is_every_weight_tensor_of_a_conv_encoder_with_its_projection():
     model, _ = _conv_and_mlp_model()
-    audio = select_modulated_parameters(model.modality_parameters("audio"), "conv")
-    conv_weights = [m.weight for m in model.encoders["audio"].modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len(audio) == 2 and all(a is b for a, b in zip(audio, conv_weights))
-    visual = select_modulated_parameters(model.modality_parameters("visual"), "conv")
-    linear_weights = [m.weight for m in model.encoders["visual"].modules() if isinstance(m, torch.nn.Linear)]
-    assert len(visual) == 2 and all(a is b for a, b in zip(visual, linear_weights))
-    assert len(select_modulated_parameters(model.modality_parameters("audio"), "all")) == len(model.modality_parameters("audio"))
+    audio = model.encoders["audio"]  # conv-BN-ReLU blocks, then a linear projection
+    convs, linears = _layers(audio, torch.nn.Conv2d), _layers(audio, torch.nn.Linear)
+    assert len(convs) == 2 and len(linears) == 1
+    selected = select_modulated_parameters(audio)
+    assert [id(p) for p in selected] == [id(c.weight) for c in convs] + [id(linears[0].weight)]
+    norm_and_bias = [p for bn in _layers(audio, torch.nn.BatchNorm2d) for p in bn.parameters()] + [linears[0].bias]
+    assert not {id(p) for p in norm_and_bias} & {id(p) for p in selected}
+    visual = model.encoders["visual"]  # an MLP: its linear weights, never the biases
+    assert [id(p) for p in select_modulated_parameters(visual)] == [id(m.weight) for m in _layers(visual, torch.nn.Linear)]
+    assert len(select_modulated_parameters(audio, "all")) == len(model.modality_parameters("audio"))
+
+
+def test_conv_selection_is_the_literal_released_rule():
+    model, _ = _conv_and_mlp_model()
+    audio = model.encoders["audio"]
+    assert [id(p) for p in select_modulated_parameters(audio, "conv")] == [id(c.weight) for c in _layers(audio, torch.nn.Conv2d)]
+    assert select_modulated_parameters(model.encoders["visual"], "conv") == []
+    with pytest.raises(TypeError, match="encoder module"):
+        select_modulated_parameters(model.modality_parameters("audio"))
+
+
+def test_normalisation_layers_are_never_selected_even_with_matrix_parameters():
+    encoder = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm([2, 3]), torch.nn.GroupNorm(2, 6))
+    selected = select_modulated_parameters(encoder)
+    assert encoder[1].weight.dim() == 2  # a LayerNorm over (2, 3) has a matrix weight: still left alone
+    assert [id(p) for p in selected] == [id(encoder[0].weight)]
+
+
+def test_resnet18_at_512_features_selects_the_same_tensors_with_both_rules():
+    from poise.models.resnet import ResNet18Encoder
+
+    spec = ModalitySpec("spectrogram", (1, 32, 32))
+    released = ResNet18Encoder(spec, 512)  # the released architecture: no projection
+    assert [id(p) for p in select_modulated_parameters(released)] == [id(p) for p in select_modulated_parameters(released, "conv")]
+    projected = ResNet18Encoder(spec, 64)  # a linear projection to 64 after the trunk
+    extra = [p for p in select_modulated_parameters(projected) if p.dim() != 4]
+    assert len(extra) == 1 and extra[0].shape == (64, 512)
+    assert id(extra[0]) not in {id(p) for p in select_modulated_parameters(projected, "conv")}
 
 
 def _setup(method, model, epoch=0, seed=0):
@@ -227,7 +262,7 @@ def test_only_selected_encoder_tensors_change_never_norm_layers_or_head(name):
     records = method.pop_records()
     k = {m: records[f"coef/{m}"] for m in ("audio", "visual")}
     assert min(k.values()) < 1.0 and max(k.values()) == 1.0
-    selected = {id(p) for m in ("audio", "visual") for p in select_modulated_parameters(model.modality_parameters(m))}
+    selected = {id(p) for m in ("audio", "visual") for p in select_modulated_parameters(model.encoders[m])}
     for n, p in model.named_parameters():
         modality = n.split(".")[1] if n.startswith("encoders.") else None
         if id(p) not in selected:
@@ -237,6 +272,54 @@ def test_only_selected_encoder_tensors_change_never_norm_layers_or_head(name):
         else:
             assert not torch.allclose(p.grad, k[modality] * before[n]), n  # noise on every modulated tensor
     assert any(".1.weight" in n and p.dim() == 1 for n, p in model.encoders["audio"].named_parameters())
+
+
+def _two_conv_model():
+    spec = ModalitySpec("spectrogram", (1, 8, 8))
+    info = DatasetInfo(name="t", modalities={"audio": spec, "visual": spec}, num_classes=3)
+    torch.manual_seed(0)
+    options = {"hidden": 4, "depth": 2}
+    model = build_model(info, ("audio", "visual"), "concat", feature_dim=8, encoder_options={"audio": options, "visual": options})
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(12) % 3
+    inputs = {m: torch.randn(12, 1, 8, 8, generator=g) for m in ("audio", "visual")}
+    batch = MultimodalBatch(inputs=inputs, labels=labels,
+                            present=torch.ones(12, 2, dtype=torch.bool), index=torch.arange(12))
+    return model, batch
+
+
+@pytest.mark.parametrize("params", ["weights", "conv"])
+def test_ogm_scales_the_projection_of_a_conv_encoder_only_by_default(params):
+    model, batch = _two_conv_model()
+    method = make_method("ogm", {"alpha": 2.0, "params": params})
+    _setup(method, model)
+    out, before = _backward(model, batch)
+    method.after_backward(out, batch)
+    records = method.pop_records()
+    dominant = min(("audio", "visual"), key=lambda m: records[f"coef/{m}"])
+    k_dominant = records[f"coef/{dominant}"]
+    assert k_dominant < 0.9  # the dominant modality is slowed
+    encoder = model.encoders[dominant]
+    grads = {id(p): p.grad for p in encoder.parameters()}
+    named = {id(p): n for n, p in encoder.named_parameters()}
+    for conv in _layers(encoder, torch.nn.Conv2d):
+        assert torch.allclose(grads[id(conv.weight)], k_dominant * before[f"encoders.{dominant}.{named[id(conv.weight)]}"])
+    for bn in _layers(encoder, torch.nn.BatchNorm2d):
+        for p in bn.parameters():
+            assert torch.equal(p.grad, before[f"encoders.{dominant}.{named[id(p)]}"])
+    (projection,) = _layers(encoder, torch.nn.Linear)
+    raw_weight = before[f"encoders.{dominant}.{named[id(projection.weight)]}"]
+    assert torch.equal(projection.bias.grad, before[f"encoders.{dominant}.{named[id(projection.bias)]}"])
+    if params == "weights":
+        assert torch.allclose(projection.weight.grad, k_dominant * raw_weight)
+    else:
+        assert torch.equal(projection.weight.grad, raw_weight)
+
+
+def test_ogm_conv_rule_refuses_an_encoder_without_convolutions():
+    model, _ = _conv_and_mlp_model()
+    with pytest.raises(IncompatibleError, match="modality 'visual'.*params=weights"):
+        _setup(make_method("ogm", {"params": "conv"}), model)
 
 
 def test_ogm_hot_path_never_syncs_with_the_device(monkeypatch):
@@ -432,18 +515,37 @@ def test_opm_current_ratio_is_this_batch_and_leaves_norm_statistics_alone():
 
 
 def test_opm_never_drops_at_evaluation(monkeypatch):
+    from poise.eval.metrics import predict_batches
+
     (splits, cfg) = synthetic(2, num_samples=120)
-    method = make_method("opm", {"p_exe": 1.0, "warmup_epochs": 0})
+    method = make_method("opm", {"p_exe": 1.0, "warmup_epochs": 0, "q_base": 0.9})
     trainer = Trainer(splits, method, cfg, seed=0)
-    trainer.fit()
+    result = trainer.fit()
+    # training did drop: a modality's features were dropped with probability q > 0.45 in every epoch
+    assert all(max(h["method"]["q/audio"], h["method"]["q/visual"]) > 0.45 for h in result.history)
 
     def refuse(*args, **kwargs):
         raise AssertionError("on_step_start ran during evaluation")
 
     monkeypatch.setattr(method, "on_step_start", refuse)
+    model, scales = trainer.model, []
+    forward = model.forward
+
+    def spy(batch, feature_scale=None):
+        scales.append(feature_scale)
+        return forward(batch, feature_scale=feature_scale)
+
+    monkeypatch.setattr(model, "forward", spy)
     loader = trainer.make_loader(splits.test, shuffle=False)
-    first = evaluate(trainer.model, method, loader, 4, torch.device("cpu"))
-    assert evaluate(trainer.model, method, loader, 4, torch.device("cpu")) == first
+    predictions = predict_batches(model, method, loader, torch.device("cpu"))
+    assert scales and all(s is None for s in scales)
+    # the evaluated logits are the head on every modality's full, unscaled features
+    model.eval()
+    for (fused, *_), batch in zip(predictions, loader):
+        with torch.no_grad():
+            full, _ = model.fusion(model.encode(batch))
+        torch.testing.assert_close(fused, full)
+    assert evaluate(model, method, loader, 4, torch.device("cpu"))["accuracy"] == result.test["accuracy"]
 
 
 # ---- end to end ------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_ensemble_logits_and_probabilities_match_naive_loops():
     # the sum over present members picks the same class as the mean
     summed = torch.stack([z[m] * present[:, j, None] for j, m in enumerate(names)]).sum(0)
     assert torch.equal(summed[:3].argmax(1), mean_logits[:3].argmax(1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="combine must be 'logits' or 'probs', got 'votes'"):
         ensemble_logits(z, present, "votes")
 
 
@@ -92,7 +92,7 @@ def test_umt_loss_is_ce_plus_weighted_mse_to_frozen_teachers_and_never_reads_tes
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
         assert all(p is not q for p in teacher.parameters() for q in ctx.model.parameters())
     records = method.pop_records()
-    assert 0.0 <= records["teacher_val_accuracy/audio"] <= 1.0
+    assert records["teacher_val_accuracy/audio"] > 0.35  # the strong modality alone: chance is 0.25
     batch = next(iter(trainer.train_loader))
     output = ctx.model(batch)
     terms = method.loss(output, batch)

@@ -76,7 +76,18 @@ def test_best_epoch_is_chosen_on_validation_not_test():
     assert all("test" not in h for h in result.history)
 
 
-def test_training_learns_and_reports_every_metric(tmp_path):
+def test_training_learns_and_reports_every_metric(tmp_path, monkeypatch):
+    import poise.train.trainer as trainer_module
+
+    scores_seen = []
+    scores_of_step = trainer_module.confidence_scores
+
+    def spy(*args, **kwargs):  # the true-class probability sums of every step, as the trainer computes them
+        scores = scores_of_step(*args, **kwargs)
+        scores_seen.append({m: float(v) for m, v in scores.items()})
+        return scores
+
+    monkeypatch.setattr(trainer_module, "confidence_scores", spy)
     splits, _ = synthetic(2)
     cfg = fast_config(trainer={"epochs": 4, "probe": True, "tensorboard": True})
     result = Trainer(splits, make_method("joint"), cfg, seed=0, out_dir=tmp_path).fit()
@@ -87,7 +98,12 @@ def test_training_learns_and_reports_every_metric(tmp_path):
     assert t["probe_accuracy"]["audio"] > t["probe_accuracy"]["visual"]  # audio carries the stronger signal
     h = result.history[-1]
     assert set(h["confidence_ratio"]) == {"audio", "visual"}
-    assert math.isclose(h["confidence_ratio"]["audio"] * 1.0, h["confidence_ratio"]["audio"])
+    # the epoch's ratio is the mean over its steps of s_audio / s_visual (and its inverse)
+    last_epoch = scores_seen[-len(scores_seen) // 4:]
+    expected = sum(s["audio"] / s["visual"] for s in last_epoch) / len(last_epoch)
+    assert h["confidence_ratio"]["audio"] == pytest.approx(expected, rel=1e-5)
+    assert h["confidence_ratio"]["visual"] == pytest.approx(sum(s["visual"] / s["audio"] for s in last_epoch) / len(last_epoch), rel=1e-5)
+    assert h["confidence_ratio"]["audio"] > 1.0  # the stronger audio signal is the more confident
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2, 3]
     assert any((tmp_path / "tensorboard").iterdir())

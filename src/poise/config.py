@@ -58,7 +58,8 @@ class DataConfig(_Strict):
     val_fraction: float = Field(
         0.15, ge=0, lt=1, description="share of the training data held out for model selection (0 only under protocol released)"
     )
-    missing_rate: float = Field(0.0, ge=0, lt=1, description="per-modality missing probability, train and val")
+    missing_rate: float = Field(0.0, ge=0, lt=1, description="per-modality missing probability, train and val "
+                                "(never every modality of a sample: one is restored at random)")
     missing_rate_test: float | None = Field(None, ge=0, lt=1, description="missing probability on test (default: missing_rate)")
     split_seed: int = Field(0, ge=0, description="seed of the data splits (kept apart from the run seed)")
     standardize: bool = Field(
@@ -111,7 +112,8 @@ def describe_validation_error(err: Exception, prefix: str = "") -> str:
     if first["type"] == "missing":
         return f"config key '{loc}' is required"
     if first["type"] == "value_error" and "error" in first.get("ctx", {}):
-        return str(first["ctx"]["error"])
+        message = str(first["ctx"]["error"])
+        return f"'{loc}': {message}" if first["loc"] and f"'{loc}'" not in message else message
     return f"invalid value {first.get('input')!r} for '{loc}': {first['msg']}"
 
 

@@ -7,9 +7,9 @@ the paper's ``rho_a = s_a / s_v``. Every modality with ``rho_m > 1`` counts as d
 modalities: exactly the one with the larger score; at a tie neither is).
 
 - OGM scales the gradients of a dominant modality's encoder by
-  ``k_m = 1 - tanh(alpha * relu(rho_m))`` (the released code; ``k`` jumps from 1 to ``1 - tanh(alpha)``
-  as ``rho`` crosses 1) or ``1 - tanh(alpha * relu(rho_m - 1))`` (continuous), and ``k = 1`` for the
-  others. GE adds ``N(0, std(g) + 1e-8)`` noise, ``std`` of the unscaled gradient, to every modulated
+  ``k_m = 1 - tanh(alpha * relu(rho_m))`` (the paper's Eq. 10 and the released code; ``k`` jumps from 1
+  to ``1 - tanh(alpha)`` as ``rho`` crosses 1) or ``1 - tanh(alpha * relu(rho_m - 1))`` (continuous at 1,
+  a variant of poise's own), and ``k = 1`` for the others. GE adds ``N(0, std(g) + 1e-8)`` noise, ``std`` of the unscaled gradient, to every modulated
   tensor of every encoder.
 - OPM drops the features of a dominant modality per sample with probability
   ``q_m = q_base * (1 + lambda * tanh(relu(rho_m - 1)))`` (clipped to [0, 1]; 0 for the others) and
@@ -30,15 +30,15 @@ from poise.functional.confidence import confidence_ratios, confidence_scores
 
 GE_EPS = 1e-8
 
-ModulatedParameters = Literal["conv", "all"]
+ModulatedParameters = Literal["weights", "conv", "all"]
 
 
 # ---- OGM -----------------------------------------------------------------------------------------
 def modulation_coefficients(ratios: Tensor, alpha: float, continuous: bool = False) -> Tensor:
     """(M,) confidence ratios -> (M,) gradient coefficients.
 
-    ``k_m = 1 - tanh(alpha * relu(rho_m))`` where ``rho_m > 1`` (released), or with ``rho_m - 1`` inside
-    the relu when ``continuous``; ``k_m = 1`` elsewhere.
+    ``k_m = 1 - tanh(alpha * relu(rho_m))`` where ``rho_m > 1`` (paper's Eq. 10 and released code), or with
+    ``rho_m - 1`` inside the relu when ``continuous`` (poise's variant); ``k_m = 1`` elsewhere.
     """
     excess = ratios - 1.0 if continuous else ratios
     slowed = 1.0 - torch.tanh(alpha * torch.relu(excess))
@@ -63,21 +63,49 @@ def ogm_coefficients(
     return {m: float(k) for m, k in zip(scores, coefficients.tolist())}
 
 
-def select_modulated_parameters(parameters: Iterable[nn.Parameter], mode: ModulatedParameters = "conv") -> list[nn.Parameter]:
-    """The parameters of one encoder whose gradients OGM modulates, chosen by tensor rank.
+#: layer types whose parameters are normalisation statistics' affine terms, never modulated
+NORMALISATION_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
 
-    ``conv``: the 4-D (2-D convolution) weights, as the released code does; never biases, norm
-    layers or anything 1-D. An encoder without 4-D weights (MLP, GRU, token encoders) falls back to
-    all its weight tensors with two or more dimensions (linear, recurrent, embedding, 1-D conv
-    kernels), so that OGM still acts on it. ``all``: every trainable parameter of the encoder.
+
+def select_modulated_parameters(encoder: nn.Module, mode: ModulatedParameters = "weights") -> list[nn.Parameter]:
+    """The parameters of one encoder whose gradients OGM modulates, chosen by layer type and tensor rank
+    (never by parameter name).
+
+    ``weights`` (default): every weight tensor of the encoder -- convolutions, linear layers (a projection
+    after convolutions included), recurrent and embedding weights: the parameters with two or more
+    dimensions of every layer that is not a normalisation layer; never biases (1-D) nor normalisation
+    parameters. In the released ResNet-18 encoders this is exactly the set the released rule selects.
+    ``conv``: the literal released rule, the 4-D (2-D convolution) weights only (``len(grad.shape) == 4``):
+    a final linear projection is left alone, and an encoder without convolutions gets nothing.
+    ``all``: every trainable parameter of the encoder.
     """
-    trainable = [p for p in parameters if p.requires_grad]
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(
+            "select_modulated_parameters takes the encoder module (its layer types tell weights from "
+            f"normalisation parameters), got {type(encoder).__name__}"
+        )
+    if mode not in ("weights", "conv", "all"):
+        raise ValueError(f"unknown parameter selection '{mode}' (expected 'weights', 'conv' or 'all')")
     if mode == "all":
-        return trainable
-    if mode != "conv":
-        raise ValueError(f"unknown parameter selection '{mode}' (expected 'conv' or 'all')")
-    conv = [p for p in trainable if p.dim() == 4]
-    return conv if conv else [p for p in trainable if p.dim() >= 2]
+        return [p for p in encoder.parameters() if p.requires_grad]
+    selected: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in encoder.modules():
+        if isinstance(module, NORMALISATION_LAYERS):
+            continue
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            if (p.dim() == 4) if mode == "conv" else (p.dim() >= 2):
+                seen.add(id(p))
+                selected.append(p)
+    return selected
 
 
 def ge_noise(grad: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -141,6 +169,7 @@ def opm_loss_rows(keep: Tensor, present: Tensor) -> Tensor:
 
 __all__ = [
     "GE_EPS",
+    "NORMALISATION_LAYERS",
     "ge_noise",
     "modulate_gradients",
     "modulation_coefficients",

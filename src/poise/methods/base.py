@@ -10,7 +10,8 @@ Evaluation: model(batch) -> predict(output, batch)
 
 With ``trainer.accumulate`` = 1 (the default) a step has one micro-batch. With more, ``after_backward``
 sees the accumulated gradient once per step, with the step's micro-batches concatenated into one output
-and one batch. In a multi-process run every statistic that decides a coefficient or weight is reduced
+and one batch; a method that decides something from each batch before that (``per_batch_decision``)
+refuses ``accumulate`` > 1, since it would decide once per micro-batch. In a multi-process run every statistic that decides a coefficient or weight is reduced
 across processes (``poise.train.distributed``), so that N processes decide as one would on the whole
 batch. ``backward`` goes through ``ctx.backward``; a forward pass a method runs by itself goes under
 ``ctx.autocast()``. A resumed run re-enters an epoch through ``epoch_loader`` instead of
@@ -103,6 +104,13 @@ class Method:
             raise IncompatibleError(f"method '{self.name}' supports at most {self.max_modalities} modalities, the data has {n}")
         if self.fusions is not None and fusion not in self.fusions:
             raise IncompatibleError(f"method '{self.name}' works with fusion {' or '.join(self.fusions)}, not '{fusion}'")
+
+    def per_batch_decision(self) -> str | None:
+        """What the method decides from each batch it sees before the optimizer step (a coin, a ratio
+        read ahead of the forward, a teacher), in words; None when it decides nothing from a single
+        batch, or only in ``after_backward``, which sees the whole step. Under ``trainer.accumulate`` > 1
+        such a decision would be taken once per micro-batch, so the trainer refuses the set-up."""
+        return None
 
     def setup(self, ctx: TrainContext) -> None:
         self.ctx = ctx

@@ -67,7 +67,8 @@ class _ModulationWindow(MethodParams):
 
 # ---- boost_weak ------------------------------------------------------------------------------------
 class BoostWeakParams(_ModulationWindow):
-    alpha: float = Field(0.8, ge=0, description="strength: k_weak = 1 + tanh(alpha * relu(rho_dom - 1)), at most 2")
+    alpha: float = Field(0.8, ge=0, description="strength: k_m = 1 + tanh(alpha * relu(1 / rho_m - 1)), at most 2 "
+                         "(two modalities: 1 + tanh(alpha * relu(rho_dom - 1)) for the weak one)")
     mode: Literal["grad", "lr"] = Field(
         "grad",
         description="grad: multiply the weak encoder's gradients by k; lr: multiply its learning rate by k for "
@@ -270,6 +271,13 @@ class Distill(Method):
         if others:
             raise IncompatibleError(f"method.distill: teacher_checkpoints names '{others[0]}', but the teacher is fixed "
                                     f"to '{teacher}'")
+
+    def per_batch_decision(self) -> str | None:
+        if self.params.teacher is None:
+            return "chooses its teacher by confidence ratio"
+        if self.params.students == "weakest":
+            return "chooses its student by confidence ratio"
+        return None
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from poise.errors import IncompatibleError
 from poise.functional.confidence import confidence_scores
 from poise.functional.ogm import (
     modulate_gradients,
@@ -54,15 +55,18 @@ class OGMParams(MethodParams):
     alpha: float = Field(0.8, ge=0, description="modulation strength (released: CREMA-D 0.8, VGGSound 0.1)")
     continuous: bool = Field(
         False,
-        description="use 1 - tanh(alpha * relu(rho - 1)), continuous at rho = 1; default False is the released "
-        "1 - tanh(alpha * relu(rho)), which jumps from 1 to 1 - tanh(alpha) as rho crosses 1",
+        description="true: poise's own variant 1 - tanh(alpha * relu(rho - 1)), continuous at rho = 1; default "
+        "false: the paper's Eq. 10 and the released code, 1 - tanh(alpha * relu(rho)), which jumps from 1 to "
+        "1 - tanh(alpha) as rho crosses 1",
     )
     modulation_starts: int = Field(0, ge=0, description="first epoch with modulation (inclusive)")
     modulation_ends: int = Field(50, ge=0, description="last epoch with modulation (inclusive; released default 50)")
-    params: Literal["conv", "all"] = Field(
-        "conv",
-        description="conv: the encoders' 4-D conv weights as released (encoders without any fall back to their "
-        "weight tensors with >= 2 dims); all: every encoder parameter",
+    params: Literal["weights", "conv", "all"] = Field(
+        "weights",
+        description="weights: every weight tensor of each encoder (conv and linear, a projection after the "
+        "convolutions included; never normalisation parameters or biases), what the released rule touches in "
+        "its ResNet-18 encoders; conv: the released rule literally, 4-D conv weights only (refused for an "
+        "encoder without any); all: every encoder parameter",
     )
 
     @model_validator(mode="after")
@@ -97,7 +101,17 @@ class OGM(Method):
         super().setup(ctx)
         model = _unwrap(ctx.model)
         self._modalities = tuple(model.modalities)
-        self._groups = [select_modulated_parameters(model.modality_parameters(m), self.params.params) for m in self._modalities]
+        self._groups = []
+        for m in self._modalities:
+            group = select_modulated_parameters(model.encoders[m], self.params.params)
+            if not group:
+                raise IncompatibleError(
+                    f"method '{self.name}' with params={self.params.params} modulates no parameter of modality '{m}' "
+                    f"(its {type(model.encoders[m]).__name__} has no "
+                    f"{'4-D conv weights' if self.params.params == 'conv' else 'trainable weight tensors'}); "
+                    "use params=weights"
+                )
+            self._groups.append(group)
         # Same seed on every rank: after DDP's all-reduce the gradients agree, and so must the noise.
         self._noise_generator = torch.Generator(device=ctx.device).manual_seed(ctx.seed * 1_000_003 + _NOISE_STREAM)
         if self._pending_state is not None:
@@ -148,9 +162,9 @@ class OPMParams(MethodParams):
     warmup_epochs: int = Field(6, ge=0, description="epochs without dropping at the start (released: epochs 0-5)")
     ratio_source: Literal["current", "previous"] = Field(
         "current",
-        description="current: the ratio of this batch, from a no-grad encoder pass before the forward (what the "
-        "released code computes; one extra encoder forward per modulated batch); previous: the ratio of the "
-        "previous training batch (no extra cost, one step late)",
+        description="current: the ratio of this batch, the one the released code reads from its forward pass; "
+        "poise decides the drops before the forward, so it computes it in an extra no-grad encoder pass per "
+        "modulated batch; previous: the ratio of the previous training step (no extra cost, one step late)",
     )
 
 
@@ -189,6 +203,9 @@ class OPM(Method):
         self._mask_generator = torch.Generator(device=ctx.device).manual_seed(base + _MASK_STREAM + 7919 * rank())
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
+
+    def per_batch_decision(self) -> str | None:
+        return "draws whether to drop features and computes its confidence ratio"
 
     # ---- ratio estimate ---------------------------------------------------------------------------
     def _ratios(self, unimodal_logits: dict[str, Tensor], batch: MultimodalBatch) -> Tensor:

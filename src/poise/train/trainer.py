@@ -262,6 +262,12 @@ class Trainer:
                 f"method '{self.method_name}' takes its own optimizer steps within each batch and cannot accumulate "
                 f"gradients over micro-batches; set trainer.accumulate to 1 (it is {t.accumulate})"
             )
+        decision = method.per_batch_decision()
+        if decision is not None and t.accumulate > 1:
+            raise IncompatibleError(
+                f"method '{self.method_name}' {decision} from each batch it sees, and with trainer.accumulate "
+                f"{t.accumulate} it would do so once per micro-batch instead of once per step; set trainer.accumulate to 1"
+            )
         self.history: list[dict[str, Any]] = []
         #: {"accuracy", "epoch", "model", "method"} of the best validation epoch so far
         self.best: dict[str, Any] | None = None
