@@ -77,11 +77,13 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None, split: str = "tes
     splits = splits_for(run["dataset"], cfg)
     method = make_method(run["method"], method_options(cfg, run["method"]))
     trainer = Trainer(splits, method, cfg, seed=run["seed"], method_name=run.get("name", run["method"]))
-    model = trainer.build_model()
+    trainer.setup(training=False)  # the method's setup first: its predict may depend on its state
+    model = trainer.model
     try:
         model.load_state_dict(state)
-    except RuntimeError as err:
-        raise DataError(f"'{best_path}' does not fit the model of '{run_dir / RUN_FILE}': "
+        method.load_state_dict(best.get("method") or {})
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise DataError(f"'{best_path}' does not fit the model or the method of '{run_dir / RUN_FILE}': "
                         f"{str(err).splitlines()[0]}") from None
     dataset = splits.split(split)
     modalities = list(model.modalities)

@@ -86,7 +86,7 @@ class BoostWeak(Method):
     name = "boost_weak"
     Params: ClassVar[type[MethodParams]] = BoostWeakParams
     min_modalities = 2
-    needs_unimodal_logits = True
+    per_batch_decisions = True
     params: BoostWeakParams
 
     def setup(self, ctx: TrainContext) -> None:
@@ -145,7 +145,6 @@ class UncertaintyWeighting(Method):
     name = "uncertainty"
     Params: ClassVar[type[MethodParams]] = UncertaintyParams
     min_modalities = 2
-    needs_unimodal_logits = True
     params: UncertaintyParams
 
     def __init__(self, params: MethodParams | dict[str, Any] | None = None, **kwargs: Any):
@@ -213,7 +212,6 @@ class Distill(Method):
     name = "distill"
     Params: ClassVar[type[MethodParams]] = DistillParams
     min_modalities = 2
-    needs_unimodal_logits = True
     params: DistillParams
 
     def check(self, info: DatasetInfo, modalities: tuple[str, ...], fusion: str) -> None:

@@ -14,6 +14,11 @@ from poise.methods.ogm import OGM, OGMGE, OPM
 from poise.methods.teachers import UME, UMT
 from poise.registry import Registry
 
+def _name_is_key(key: str, cls: type[Method]) -> None:
+    if cls.name != key:
+        raise ValueError(f"method class {cls.__name__} is registered as '{key}' but its name is '{cls.name}'")
+
+
 METHODS: Registry[type[Method]] = Registry(
     "method",
     {
@@ -31,6 +36,7 @@ METHODS: Registry[type[Method]] = Registry(
         "umt": UMT,
         "ume": UME,
     },
+    check=_name_is_key,
 )
 
 #: methods that balance modalities (everything but the two baselines), in the order reports list them

@@ -267,9 +267,10 @@ class Trainer:
         )
 
     # ---- the loop --------------------------------------------------------------------------------
-    def setup(self):
+    def setup(self, training: bool = True):
         """Seed, build the model, optimizer, scheduler and context, call ``method.setup``, then wrap the
-        model for multi-process training and build the step engine."""
+        model for multi-process training and build the step engine. ``training=False`` (``poise eval``):
+        the method's setup may skip training-only work."""
         from poise.train.context import TrainContext
 
         seed_everything(self.seed)
@@ -284,7 +285,7 @@ class Trainer:
         self.ctx = ctx = TrainContext(
             model=model, optimizer=optimizer, config=self.config, info=self.splits.info, splits=self.splits,
             device=self.device, seed=self.seed, make_loader=self.make_loader, build_model=self.build_model,
-            build_optimizer=self.build_optimizer,
+            build_optimizer=self.build_optimizer, training=training,
         )
         self.method.setup(ctx)
         forward_module = model
@@ -296,7 +297,9 @@ class Trainer:
         self.engine = StepEngine(
             model, optimizer, self.config, self.device, self.method_name, self.method.owns_optimizer_step,
             forward_module=forward_module, where=lambda: (ctx.epoch, ctx.step),
+            multiple_backward=self.method.multiple_backward,
         )
+        self.engine.frozen = ctx.frozen  # the method's phase (set in setup or later) freezes these
         broadcast_tensors(self.engine.extra_params)  # a method's own parameters (heads, loss weights)
         ctx.engine = self.engine
         self.train_loader = self.make_loader(self.splits.train, shuffle=True)
@@ -412,11 +415,14 @@ class Trainer:
                     with engine.autocast():
                         output = engine.forward_module(batch, feature_scale=plan.feature_scale if plan else None)
                         terms = method.loss(output, batch)
-                        if output.probe_logits:
-                            terms["aux_heads"] = self._probe_loss(output, batch)
-                    engine.note_loss(terms)
+                        # the fusion's auxiliary heads: trained with the method's first backward, never one of its terms
+                        aux = self._probe_loss(output, batch) if output.probe_logits else None
+                    logged = terms if aux is None else {**terms, "aux_heads": aux}
+                    engine.note_loss(logged)
                     calls = engine.backward_calls
+                    engine.carry(aux)
                     method.backward(terms, output, batch)
+                    engine.flush_carried()
                     if engine.ddp and end_of_step and not owns and engine.backward_calls == calls:
                         engine.release_without_backward(output)
                 group.append((batch, output))
@@ -434,7 +440,7 @@ class Trainer:
                 pending = group + ([(batch, output)] if output is not None and not in_group else [])
                 raise NonFiniteError(f"{err}; {self._diagnose(pending)}") from None
             with torch.no_grad():
-                for k, v in terms.items():
+                for k, v in logged.items():
                     stats.totals[k] = stats.totals.get(k, 0.0) + v.detach().float()
                 correct = (output.logits.detach().argmax(1) == batch.labels).sum()
                 stats.correct = correct if stats.correct is None else stats.correct + correct
@@ -536,7 +542,7 @@ class Trainer:
         mine = {
             "rng": rng_state(),
             "method": to_cpu(method.state_dict()),
-            "records": {k: torch.stack([v.cpu() for v in vs]) for k, vs in method._records.items() if vs},
+            "records": method.records_state(),
             "epoch_stats": None if partial is None else partial.state(),
         }
         ranks = gather_objects(mine)
@@ -554,6 +560,8 @@ class Trainer:
             "optimizer": self.ctx.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "scaler": self.engine.state_dict(),
+            "phase": self.ctx.phase_state(),
+            "snapshots": {k: [t.detach().cpu() for t in v] for k, v in self.ctx.snapshots.items()},
             "method": mine["method"],
             "ranks": ranks,
             "best": self.best,
@@ -585,12 +593,12 @@ class Trainer:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.engine.load_state_dict(state["scaler"])
+        self.ctx.load_phase_state(state.get("phase"))
+        self.ctx.snapshots.update({k: [t.to(self.device) for t in v] for k, v in state.get("snapshots", {}).items()})
         ranks = state["ranks"]
         mine = ranks[rank()] if rank() < len(ranks) else ranks[0]
         self.method.load_state_dict(mine["method"])
-        self.method._records.clear()
-        for k, values in mine["records"].items():
-            self.method._records[k] = list(values.to(self.device).unbind(0))
+        self.method.load_records_state(mine["records"], self.device)
         self.history = json.loads(state["history"])
         self.best = state["best"]
         self.ctx.step = position["micro_batches"]
