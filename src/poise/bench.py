@@ -23,24 +23,21 @@ import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from poise.config import RunConfig, build_config, parse_set
-from poise.data.registry import dataset_kind, load_dataset
 from poise.errors import ConfigError, closest
 from poise.methods.registry import METHODS, balancing_methods, make_method
-
-
-def run_config(dataset: str, file_layer: dict | None = None, set_layer: dict | None = None) -> RunConfig:
-    """Defaults < the dataset's own defaults < config file < --set overrides."""
-    kind, _ = dataset_kind(dataset)
-    cfg = build_config(kind.defaults, file_layer or {}, set_layer or {})
-    for name in cfg.method:
-        if name not in METHODS:
-            raise ConfigError(f"config section 'method.{name}' names an unknown method{closest(name, METHODS)}")
-    return cfg
+from poise.runs import (  # noqa: F401  (the run-assembly API lives in poise.runs; importable from here too)
+    RUN_FILE,
+    RunDescription,
+    method_options,
+    run_config,
+    splits_for,
+    train_one,
+    write_run_description,
+)
 
 
 #: the variant keys that are not config keys
@@ -84,7 +81,8 @@ def parse_spec(name: str, modalities: tuple[str, ...]) -> RunSpec:
         raise ConfigError(f"'{name}' is not a method or a variant NAME[KEY=VALUE;...]")
     method, variant = match.group(1).strip(), match.group(2)
     base, _, arg = method.partition(":")
-    METHODS[base]  # raises with the closest name
+    for part in method.split("+"):  # a combination (ogm_ge+modality_dropout): every part must exist
+        METHODS[part.strip().partition(":")[0]]  # raises with the closest name
     if base == "unimodal" and arg not in modalities:
         raise ConfigError(f"unknown modality '{arg}' in '{name}'{closest(arg, modalities)}")
     items = [item.strip() for item in (variant or "").split(";") if item.strip()]
@@ -120,76 +118,9 @@ def expand_methods(spec: str, modalities: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def method_options(cfg: RunConfig, spec: str) -> dict[str, Any]:
-    return dict(cfg.method.get(spec.partition(":")[0], {}))
-
-
-@lru_cache(maxsize=4)
-def _cached_splits(dataset: str, dataset_options: str, data_config: str):
-    from poise.config import DataConfig
-
-    return load_dataset(dataset, json.loads(dataset_options), DataConfig(**json.loads(data_config)))
-
-
-def splits_for(dataset: str, cfg: RunConfig):
-    return _cached_splits(dataset, json.dumps(cfg.dataset, sort_keys=True), json.dumps(cfg.data.model_dump(), sort_keys=True))
-
-
-def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str | None, threads: int | None = None,
-              init_dir: str | None = None, resume: bool = False, name: str | None = None,
-              pretrain: str | None = None) -> dict:
-    """One run; a plain function of plain arguments so that it can run in a worker process. ``cfg_dict``
-    is the run's full configuration; ``pretrain`` pre-trains the encoders first (into ``out_dir/pretrain``)
-    and counts that time in ``train_seconds``."""
-    import tempfile
-    import time
-
-    import torch
-
-    from poise.train.trainer import Trainer
-
-    if threads:
-        torch.set_num_threads(threads)
-    cfg = RunConfig(**cfg_dict)
-    splits = splits_for(dataset, cfg)
-    pretrain_seconds = 0.0
-    with tempfile.TemporaryDirectory() as scratch:
-        if pretrain is not None:
-            from poise.train.pretrain import ENCODERS_FILE, run_pretrain
-
-            init_dir = str(Path(out_dir or scratch) / "pretrain")
-            if not (resume and (Path(init_dir) / ENCODERS_FILE).is_file()):  # a resumed run keeps its encoders
-                start = time.perf_counter()
-                run_pretrain(splits, cfg, Path(init_dir), seed, pretrain)
-                pretrain_seconds = time.perf_counter() - start
-        method = make_method(spec, method_options(cfg, spec))
-        if out_dir is not None and not resume:
-            write_run_description(Path(out_dir), dataset, spec, seed, cfg, init_dir, name)
-        result = Trainer(splits, method, cfg, seed=seed, out_dir=out_dir, method_name=name or spec, init_dir=init_dir,
-                         resume=resume).fit()
-    result.train_seconds += pretrain_seconds
-    return result.to_dict()
-
-
-#: a run folder's description: what ``poise train --resume`` and ``poise eval`` rebuild the run from
-RUN_FILE = "run.json"
-
-
 def run_folder(out: Path, name: str, seed: int) -> Path:
     """Where ``poise bench`` in ``out`` keeps the run of one method (or variant) and seed."""
     return out / "runs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") / f"seed{seed}"
-
-
-def write_run_description(out_dir: Path, dataset: str, method: str, seed: int, cfg: RunConfig,
-                          init_dir: str | None = None, name: str | None = None) -> None:
-    """``run.json``: what ``poise train --resume`` and ``poise eval`` rebuild the run from (rank 0 only)."""
-    from poise.train.distributed import is_main_process
-    from poise.train.trainer import atomic_write_text
-
-    if is_main_process():
-        description = {"dataset": dataset, "method": method, "name": name or method, "seed": seed, "init": init_dir,
-                       "config": cfg.model_dump()}
-        atomic_write_text(json.dumps(description, indent=1), out_dir / RUN_FILE)
 
 
 def warm_up(threads: int | None = None) -> None:

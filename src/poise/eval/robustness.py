@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from poise.bench import RUN_FILE, run_folder
+from poise.bench import run_folder
+from poise.runs import RUN_FILE, RunDescription
 from poise.errors import ConfigError, DataError
 
 BEST_FILE = "best.pt"
@@ -26,16 +27,7 @@ EVAL_KEYS = ("data.", "dataset.", "trainer.device", "trainer.batch_size", "train
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     """``run.json`` of a run folder: dataset, method, seed, config (and the run's name in a bench)."""
-    path = run_dir / RUN_FILE
-    if not path.is_file():
-        raise DataError(f"'{path}' does not exist; poise eval takes a run folder written by 'poise train' or "
-                        "one of the run folders of 'poise bench' (DIR/runs/<method>/seed<S>)")
-    try:
-        run = json.loads(path.read_text())
-        run["dataset"], run["method"], run["seed"], run["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataError(f"'{path}' is not a poise run description ({err})") from None
-    return run
+    return RunDescription.read(run_dir).to_dict()
 
 
 def check_overrides(flat_keys: list[str]) -> None:
@@ -49,7 +41,7 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None, split: str = "tes
                  missing_rates: list[float] | None = None, drop_each: bool = True) -> dict[str, Any]:
     """Scores of the run's best checkpoint on ``split``: as it is (``missing_rate`` = the configured
     rate), at each of ``missing_rates``, and with each modality dropped from every sample."""
-    from poise.bench import method_options, splits_for
+    from poise.runs import method_options, splits_for
     from poise.config import build_config, flatten
     from poise.data.registry import split_missing_mask
     from poise.eval.metrics import evaluate

@@ -22,6 +22,7 @@ from poise.functional.extensions import (
     weak_boost_coefficients,
 )
 from poise.methods.base import Method, MethodParams, StepPlan
+from poise.train.distributed import all_reduce_sum
 
 if TYPE_CHECKING:
     from poise.data.base import DatasetInfo
@@ -106,7 +107,7 @@ class BoostWeak(Method):
         if not self.params.active(self.ctx.epoch):
             return
         coefficients, ratios = weak_boost_coefficients(
-            output.unimodal_logits, batch.labels, self.params.alpha, batch.present, self.params.targets
+            output.unimodal_logits, batch.labels, self.params.alpha, batch.present, self.params.targets, all_reduce_sum
         )
         for m, k in coefficients.items():
             self.record(f"coef/{m}", k)
@@ -226,7 +227,7 @@ class Distill(Method):
 
     def loss(self, output: ModelOutput, batch: MultimodalBatch) -> dict[str, Tensor]:
         ce = F.cross_entropy(output.logits, batch.labels)
-        ratios, valid = batch_confidence_ratios(output.unimodal_logits, batch.labels, batch.present)
+        ratios, valid = batch_confidence_ratios(output.unimodal_logits, batch.labels, batch.present, all_reduce_sum)
         teacher, students = distillation_roles(ratios, valid, self._teacher_index, self.params.students)
         kd = cross_modal_distillation(output.unimodal_logits, teacher, students, self.params.temperature, batch.present)
         for i, m in enumerate(output.unimodal_logits):

@@ -109,7 +109,7 @@ class OGM(Method):
         if not self.active(self.ctx.epoch):
             return
         unimodal = {m: output.unimodal_logits[m] for m in self._modalities}
-        scores = confidence_scores(unimodal, batch.labels, batch.present, reduce=True)
+        scores = confidence_scores(unimodal, batch.labels, batch.present, reduce=all_reduce_sum)
         ratios = stack_ratios(scores)
         coefficients = modulation_coefficients(ratios, self.params.alpha, self.params.continuous)
         modulate_gradients(self._groups, coefficients, noise=self.ge_noise, generator=self._noise_generator)
@@ -175,7 +175,7 @@ class OPM(Method):
     # ---- ratio estimate ---------------------------------------------------------------------------
     def _ratios(self, unimodal_logits: dict[str, Tensor], batch: MultimodalBatch) -> Tensor:
         unimodal = {m: unimodal_logits[m] for m in self._modalities}
-        return stack_ratios(confidence_scores(unimodal, batch.labels, batch.present, reduce=True))
+        return stack_ratios(confidence_scores(unimodal, batch.labels, batch.present, reduce=all_reduce_sum))
 
     @torch.no_grad()
     def _current_ratios(self, batch: MultimodalBatch) -> Tensor:

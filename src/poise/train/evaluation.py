@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from poise.eval.metrics import predict_batches, score
+from poise.train.metrics import predict_batches, score
 from poise.train.distributed import gather_strided, is_distributed
 
 

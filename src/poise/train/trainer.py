@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +35,13 @@ from tqdm.auto import tqdm
 
 from poise.config import RunConfig
 from poise.data.base import DataSplits
-from poise.data.batch import MultimodalBatch, collate
+from poise.data.batch import MultimodalBatch
 from poise.errors import ConfigError, IncompatibleError
-from poise.eval.probe import linear_probe
+from poise.train.probe import linear_probe
 from poise.functional.confidence import confidence_ratios, confidence_scores
-from poise.methods.base import Method
-from poise.models.model import ModelOutput, MultimodalModel, build_model
+from poise.io import atomic_write_text, seed_everything
+from poise.models.model import ModelOutput, MultimodalModel
+from poise.train import factory
 from poise.train.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -59,16 +60,17 @@ from poise.train.distributed import (
     broadcast_object,
     broadcast_tensors,
     gather_objects,
-    init_distributed,
     is_distributed,
     is_main_process,
-    launched_by_torchrun,
     rank,
     world_size,
 )
 from poise.train.engine import NonFiniteError, StepEngine
 from poise.train.evaluation import evaluate_split
-from poise.train.sampler import ShardedBatchSampler
+from poise.train.factory import resolve_device
+
+if TYPE_CHECKING:
+    from poise.methods.base import Method
 
 Tensor = torch.Tensor
 
@@ -85,34 +87,6 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device is '{name}' but CUDA is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"trainer.device '{name}' is not a device name (expected cpu, cuda or cuda:N)") from None
 
 
 def concat_outputs(outputs: list[ModelOutput]) -> ModelOutput:
@@ -203,11 +177,7 @@ class Trainer:
         if resume and self.out_dir is None:
             raise ConfigError("resuming needs the run folder that holds checkpoint.pt (out_dir)")
         t = config.trainer
-        self.device = resolve_device(t.device)
-        if launched_by_torchrun():
-            self.device = init_distributed(self.device, t.dist_backend)
-        if t.amp == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("trainer.amp bf16 needs a GPU with bfloat16 support; use fp16 on this one")
+        self.device = factory.run_device(config)  # joining a torchrun group is the caller's explicit step
         self.modalities = method.modalities(tuple(splits.info.modalities))
         self.fusion = config.model.fusion or method.default_fusion
         method.check(splits.info, self.modalities, self.fusion)
@@ -223,27 +193,14 @@ class Trainer:
 
     # ---- builders ------------------------------------------------------------------------------
     def build_model(self, modalities: tuple[str, ...] | None = None, fusion: str | None = None) -> MultimodalModel:
-        mc = self.config.model
-        return build_model(
-            self.splits.info, modalities or self.modalities, fusion or self.fusion,
-            feature_dim=mc.feature_dim, encoders=mc.encoders, encoder_options=mc.encoder_options,
-            fusion_options=mc.fusion_options if fusion in (None, self.fusion) else None,
-        ).to(self.device)
+        return factory.build_model(self.config, self.splits.info, modalities or self.modalities, fusion or self.fusion,
+                                   self.device, fusion_options=fusion in (None, self.fusion))
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:
-        t = self.config.trainer
-        params = [p for p in params if p.requires_grad]
-        if t.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return factory.build_optimizer(self.config, params)
 
     def build_scheduler(self, optimizer):
-        t = self.config.trainer
-        if t.scheduler == "step":
-            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_size, gamma=t.gamma)
-        if t.scheduler == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
-        return None
+        return factory.build_scheduler(self.config, optimizer)
 
     def make_loader(self, dataset: Dataset, shuffle: bool, micro_batches: int | None = None,
                     sharded: bool = True) -> DataLoader:
@@ -253,18 +210,7 @@ class Trainer:
         ``micro_batches`` micro-batches (default ``trainer.accumulate``; a method's own training loop
         passes 1). ``shuffle=False`` (evaluation): whole batches in order, process r taking every W-th.
         ``sharded=False``: all of the data in this process (the linear probe on rank 0)."""
-        t = self.config.trainer
-        num_shards, shard = (world_size(), rank()) if sharded else (1, 0)
-        sampler = ShardedBatchSampler(
-            len(dataset), t.batch_size, shuffle, seed=self.seed * 1_000_003 + 17, split=shuffle,
-            num_shards=num_shards, shard=shard, micro_batches=t.accumulate if micro_batches is None else micro_batches,
-        )
-        # the loader's own generator only seeds its workers; the order comes from the sampler
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 17) if shuffle else None
-        return DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=t.num_workers, generator=g,
-            pin_memory=self.device.type == "cuda",
-        )
+        return factory.make_loader(self.config, dataset, self.seed, self.device, shuffle, micro_batches, sharded)
 
     # ---- the loop --------------------------------------------------------------------------------
     def setup(self, training: bool = True):
@@ -276,7 +222,7 @@ class Trainer:
         seed_everything(self.seed)
         model = self.build_model()
         if self.init_dir is not None:
-            from poise.train.pretrain import load_encoders
+            from poise.train.checkpoint import load_encoders
 
             load_encoders(model, self.init_dir)
         self.model = model

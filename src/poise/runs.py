@@ -1,0 +1,132 @@
+"""Assembling one run: its configuration (defaults < dataset defaults < file < --set), its data splits,
+its method, the ``run.json`` description (:class:`RunDescription`) that ``poise train --resume`` and
+``poise eval`` rebuild it from, and :func:`train_one`, the plain function that trains it (what ``poise
+train`` and each run of ``poise bench`` call). This is the library's run-assembly API."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from poise.config import RunConfig, build_config
+from poise.data.registry import dataset_kind, load_dataset
+from poise.errors import ConfigError, DataError, closest
+from poise.methods.registry import METHODS, make_method
+
+
+def run_config(dataset: str, file_layer: dict | None = None, set_layer: dict | None = None) -> RunConfig:
+    """Defaults < the dataset's own defaults < config file < --set overrides."""
+    kind, _ = dataset_kind(dataset)
+    cfg = build_config(kind.defaults, file_layer or {}, set_layer or {})
+    for name in cfg.method:
+        if name not in METHODS:
+            raise ConfigError(f"config section 'method.{name}' names an unknown method{closest(name, METHODS)}")
+    return cfg
+
+
+def method_options(cfg: RunConfig, spec: str) -> dict[str, Any]:
+    if "+" in spec:  # a combination: each part's own section
+        return {p.partition(":")[0]: dict(cfg.method.get(p.strip().partition(":")[0], {})) for p in spec.split("+")}
+    return dict(cfg.method.get(spec.partition(":")[0], {}))
+
+
+@lru_cache(maxsize=4)
+def _cached_splits(dataset: str, dataset_options: str, data_config: str):
+    from poise.config import DataConfig
+
+    return load_dataset(dataset, json.loads(dataset_options), DataConfig(**json.loads(data_config)))
+
+
+def splits_for(dataset: str, cfg: RunConfig):
+    return _cached_splits(dataset, json.dumps(cfg.dataset, sort_keys=True), json.dumps(cfg.data.model_dump(), sort_keys=True))
+
+
+#: a run folder's description: what ``poise train --resume`` and ``poise eval`` rebuild the run from
+RUN_FILE = "run.json"
+
+
+@dataclass
+class RunDescription:
+    """What ``run.json`` holds: the dataset, the method (and the run's name in a bench), the seed, the
+    folder of pre-trained encoders (or None) and the full configuration."""
+
+    dataset: str
+    method: str
+    seed: int
+    config: dict[str, Any]
+    name: str | None = None
+    init: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "method": self.method, "name": self.name or self.method, "seed": self.seed,
+                "init": self.init, "config": self.config}
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunDescription:
+        """The description in ``run_dir/run.json``; a missing or malformed file is refused in one sentence."""
+        path = Path(run_dir) / RUN_FILE
+        if not path.is_file():
+            raise DataError(f"'{path}' does not exist; poise eval takes a run folder written by 'poise train' or "
+                            "one of the run folders of 'poise bench' (DIR/runs/<method>/seed<S>)")
+        try:
+            raw = json.loads(path.read_text())
+            return cls(dataset=raw["dataset"], method=raw["method"], seed=int(raw["seed"]), config=dict(raw["config"]),
+                       name=raw.get("name"), init=raw.get("init"))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise DataError(f"'{path}' is not a poise run description ({err})") from None
+
+
+def write_run_description(out_dir: Path, dataset: str, method: str, seed: int, cfg: RunConfig,
+                          init_dir: str | None = None, name: str | None = None) -> None:
+    """``run.json``: what ``poise train --resume`` and ``poise eval`` rebuild the run from (rank 0 only)."""
+    from poise.train.distributed import is_main_process
+    from poise.io import atomic_write_text
+
+    if is_main_process():
+        description = RunDescription(dataset, method, seed, cfg.model_dump(), name=name, init=init_dir)
+        atomic_write_text(json.dumps(description.to_dict(), indent=1), out_dir / RUN_FILE)
+
+
+def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str | None, threads: int | None = None,
+              init_dir: str | None = None, resume: bool = False, name: str | None = None,
+              pretrain: str | None = None) -> dict:
+    """One run; a plain function of plain arguments so that it can run in a worker process. ``cfg_dict``
+    is the run's full configuration; ``pretrain`` pre-trains the encoders first (into ``out_dir/pretrain``)
+    and counts that time in ``train_seconds``."""
+    import tempfile
+    import time
+
+    import torch
+
+    from poise.train.factory import join_process_group
+    from poise.train.trainer import Trainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = RunConfig(**cfg_dict)
+    join_process_group(cfg)  # under torchrun: this process joins the run's group (no-op elsewhere)
+    splits = splits_for(dataset, cfg)
+    pretrain_seconds = 0.0
+    with tempfile.TemporaryDirectory() as scratch:
+        if pretrain is not None:
+            from poise.train.pretrain import ENCODERS_FILE, run_pretrain
+
+            init_dir = str(Path(out_dir or scratch) / "pretrain")
+            if not (resume and (Path(init_dir) / ENCODERS_FILE).is_file()):  # a resumed run keeps its encoders
+                start = time.perf_counter()
+                run_pretrain(splits, cfg, Path(init_dir), seed, pretrain)
+                pretrain_seconds = time.perf_counter() - start
+        method = make_method(spec, method_options(cfg, spec))
+        if out_dir is not None and not resume:
+            write_run_description(Path(out_dir), dataset, spec, seed, cfg, init_dir, name)
+        result = Trainer(splits, method, cfg, seed=seed, out_dir=out_dir, method_name=name or spec, init_dir=init_dir,
+                         resume=resume).fit()
+    result.train_seconds += pretrain_seconds
+    return result.to_dict()
+
+
+__all__ = ["RUN_FILE", "RunDescription", "method_options", "run_config", "splits_for", "train_one",
+           "write_run_description"]
