@@ -126,8 +126,8 @@ def test_gblend_records_the_uniform_fallback(monkeypatch):
     method.loss(trainer.model(batch), batch)
     assert method.pop_records()["fallback_uniform"] == 1.0
     restored = make_method("gblend")
+    restored.setup(trainer.ctx)  # setup always comes before load_state_dict
     restored.load_state_dict(method.state_dict())
-    restored.setup(trainer.ctx)
     assert restored.fallback_uniform
 
     monkeypatch.setattr(gblend_module, "mean_losses", original)

@@ -441,8 +441,8 @@ def test_state_dict_round_trip():
     method.estimate(0)
     state = method.state_dict()
     restored = make_method("gblend")
-    restored.load_state_dict(state)  # before setup: applied once the heads exist
     restored.setup(_context(splits, restored, cfg, seed=1))
+    restored.load_state_dict(state)  # setup always runs first: the heads exist
     assert restored.weights == method.weights
     for k, v in method.heads.state_dict().items():
         assert torch.equal(restored.heads.state_dict()[k], v)

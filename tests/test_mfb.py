@@ -137,7 +137,6 @@ class FusedPlusUnimodalCE(Method):
     """CE on the fused logits plus CE on every unimodal logit: puts the auxiliary heads in the loss."""
 
     name = "fused_plus_unimodal"
-    needs_unimodal_logits = True
 
     def loss(self, output, batch):
         terms = super().loss(output, batch)

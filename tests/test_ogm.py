@@ -364,7 +364,7 @@ def test_modulation_window_is_inclusive():
 
 def test_scores_are_reduced_across_ranks_before_the_coefficients(monkeypatch):
     """A stand-in for another rank whose visual scores are far higher must flip the decision."""
-    import poise.train.distributed as distributed
+    import poise.methods.ogm as distributed  # the method passes this reducer to confidence_scores
 
     model, batch = _conv_and_mlp_model()
     method = make_method("ogm")

@@ -128,7 +128,7 @@ def test_eval_and_resume_apply_the_statistics_stored_with_the_run(tmp_path):
     assert run["standardization"] == fitted
     # the training rows of the file change after training: eval still standardises as the run did, so it
     # scores the unchanged test rows exactly as training did
-    from poise.bench import _cached_splits
+    from poise.runs import _cached_splits
     from poise.data.base import stratified_split
 
     with np.load(path) as f:

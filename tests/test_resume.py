@@ -219,7 +219,7 @@ def test_non_finite_value_stops_with_step_method_and_modality(where, message, tm
 
 
 def test_an_interrupted_bench_resumes_keeping_finished_runs(tmp_path, monkeypatch, capsys):
-    from poise import bench
+    from poise import bench, runs
 
     args = ["--dataset", "synthetic", "--methods", "joint,ogm_ge", "--seeds", "0", "--set", "dataset.num_samples=300",
             "--set", "trainer.epochs=3", "--set", "trainer.batch_size=32", "--set", "trainer.progress=false",
@@ -232,7 +232,7 @@ def test_an_interrupted_bench_resumes_keeping_finished_runs(tmp_path, monkeypatc
         def stopped(dataset, spec, *rest, **options):
             if spec == "ogm_ge":
                 method = interrupt_at(make_method("ogm_ge"), epoch=1, micro_batch=2)
-                monkeypatch.setattr(bench, "make_method", lambda *a, **k: method)
+                monkeypatch.setattr(runs, "make_method", lambda *a, **k: method)  # what train_one builds with
             return real_train_one(dataset, spec, *rest, **options)
 
         monkeypatch.setattr(bench, "train_one", stopped)

@@ -28,25 +28,22 @@ import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from poise.config import RunConfig, build_config, parse_set
-from poise.data.registry import dataset_kind, load_dataset
 from poise.errors import ConfigError, closest
 from poise.methods.registry import METHODS, balancing_methods, make_method
-from poise.train.run_files import RUN_FILE, stored_statistics  # noqa: F401  (RUN_FILE: re-exported)
-
-
-def run_config(dataset: str, file_layer: dict | None = None, set_layer: dict | None = None) -> RunConfig:
-    """Defaults < the dataset's own defaults < config file < --set overrides."""
-    kind, _ = dataset_kind(dataset)
-    cfg = build_config(kind.defaults, file_layer or {}, set_layer or {})
-    for name in cfg.method:
-        if name not in METHODS:
-            raise ConfigError(f"config section 'method.{name}' names an unknown method{closest(name, METHODS)}")
-    return cfg
+from poise.runs import (  # noqa: F401  (the run-assembly API lives in poise.runs; importable from here too)
+    RUN_FILE,
+    RunDescription,
+    method_options,
+    resolve_method,
+    run_config,
+    splits_for,
+    train_one,
+)
+from poise.train.run_files import stored_statistics  # noqa: F401
 
 
 #: the variant keys that are not config keys
@@ -90,7 +87,8 @@ def parse_spec(name: str, modalities: tuple[str, ...]) -> RunSpec:
         raise ConfigError(f"'{name}' is not a method or a variant NAME[KEY=VALUE;...]")
     method, variant = match.group(1).strip(), match.group(2)
     base, _, arg = method.partition(":")
-    METHODS[base]  # raises with the closest name
+    for part in method.split("+"):  # a combination (ogm_ge+modality_dropout): every part must exist
+        METHODS[part.strip().partition(":")[0]]  # raises with the closest name
     if base == "unimodal" and not arg:
         raise ConfigError(f"the unimodal baseline needs a modality: 'unimodal:<modality>' (valid: {', '.join(modalities)})")
     if base == "unimodal" and arg not in modalities:
@@ -126,74 +124,6 @@ def expand_methods(spec: str, modalities: tuple[str, ...]) -> list[str]:
             continue
         out.append(parse_spec(name, modalities).name)
     return list(dict.fromkeys(out))
-
-
-def resolve_method(spec: str, cfg: RunConfig) -> str:
-    """``unimodal`` with ``method.unimodal.modality`` set is ``unimodal:<modality>``."""
-    given = cfg.method.get("unimodal", {}).get("modality")
-    if spec.strip() == "unimodal" and given:
-        return f"unimodal:{given}"
-    return spec
-
-
-def method_options(cfg: RunConfig, spec: str) -> dict[str, Any]:
-    return dict(cfg.method.get(spec.partition(":")[0], {}))
-
-
-@lru_cache(maxsize=4)
-def _cached_splits(dataset: str, dataset_options: str, data_config: str, statistics: str):
-    from poise.config import DataConfig
-
-    return load_dataset(dataset, json.loads(dataset_options), DataConfig(**json.loads(data_config)),
-                        json.loads(statistics) if statistics else None)
-
-
-def splits_for(dataset: str, cfg: RunConfig, statistics: dict | None = None):
-    """The splits of ``dataset`` under ``cfg``; ``statistics``: a run's stored standardisation statistics
-    (``run.json``), applied instead of fitting them again."""
-    return _cached_splits(dataset, json.dumps(cfg.dataset, sort_keys=True), json.dumps(cfg.data.model_dump(), sort_keys=True),
-                          json.dumps(statistics, sort_keys=True) if statistics else "")
-
-
-def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str | None, threads: int | None = None,
-              init_dir: str | None = None, resume: bool = False, name: str | None = None,
-              pretrain: str | None = None, epoch_lines: bool = False) -> dict:
-    """One run; a plain function of plain arguments so that it can run in a worker process. ``cfg_dict``
-    is the run's full configuration; ``pretrain`` pre-trains the encoders first (into ``out_dir/pretrain``)
-    and counts that time in ``train_seconds``. The run folder gets ``run.json`` and ``result.json``; a
-    resumed run applies the standardisation statistics its ``run.json`` recorded."""
-    import tempfile
-    import time
-
-    import torch
-
-    from poise.train.trainer import Trainer
-
-    if threads:
-        torch.set_num_threads(threads)
-    cfg = RunConfig(**cfg_dict)
-    splits = splits_for(dataset, cfg, stored_statistics(out_dir) if resume else None)
-    pretrain_seconds = 0.0
-    with tempfile.TemporaryDirectory() as scratch:
-        if pretrain is not None:
-            from poise.train.pretrain import ENCODERS_FILE, run_pretrain
-
-            init_dir = str(Path(out_dir or scratch) / "pretrain")
-            if not (resume and (Path(init_dir) / ENCODERS_FILE).is_file()):  # a resumed run keeps its encoders
-                start = time.perf_counter()
-                run_pretrain(splits, cfg, Path(init_dir), seed, pretrain)
-                pretrain_seconds = time.perf_counter() - start
-        method = make_method(spec, method_options(cfg, spec))
-        trainer = Trainer(splits, method, cfg, seed=seed, out_dir=out_dir, method_name=name or spec, init_dir=init_dir,
-                          resume=resume, epoch_lines=epoch_lines)
-        result = trainer.fit()
-    if pretrain_seconds:
-        from poise.train.distributed import is_main_process
-
-        result.train_seconds += pretrain_seconds
-        if out_dir is not None and is_main_process():
-            trainer.write_result(result)
-    return result.to_dict()
 
 
 #: what a bench leaves in its folder (what --overwrite clears)

@@ -204,8 +204,10 @@ def cmd_train(args) -> int:
         raise ConfigError(f"poise train runs one method, got '{method}'; variants NAME[KEY=VALUE;...] and lists "
                           "are for poise bench (here: --set KEY=VALUE, and --init DIR after poise pretrain)")
     try:
-        # refuse an incompatible method, fusion or option before anything is written (under torchrun
-        # this also joins the process group)
+        from poise.train.factory import join_process_group
+
+        join_process_group(cfg)  # under torchrun: join the run's process group, explicitly
+        # refuse an incompatible method, fusion or option before anything is written
         Trainer(splits, make_method(method, method_options(cfg, method)), cfg, seed=seed, method_name=method).build_model()
         if not args.resume and is_main_process():
             _prepare_out(out, args.overwrite, False, "a run", RUN_OUTPUTS)

@@ -77,5 +77,5 @@ def standardize_splits(splits, statistics: Statistics | None = None, where: str 
     return statistics
 
 
-__all__ = ["STANDARDIZED_KINDS", "Statistics", "apply_statistics", "fit_statistics", "same_statistics",
+__all__ = ["STANDARDIZED_KINDS", "Statistics", "apply_statistics", "fit_statistics",
            "standardizable", "standardize_splits"]

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from poise.bench import RUN_FILE, run_folder
+from poise.bench import run_folder
+from poise.runs import RUN_FILE, RunDescription
 from poise.errors import ConfigError, DataError
 
 BEST_FILE = "best.pt"
@@ -26,19 +27,7 @@ EVAL_KEYS = ("data.", "dataset.", "trainer.device", "trainer.batch_size", "train
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     """``run.json`` of a run folder: dataset, method, seed, config (and the run's name in a bench)."""
-    path = run_dir / RUN_FILE
-    if not path.is_file():
-        raise DataError(f"'{path}' does not exist; poise eval takes a run folder written by 'poise train' or "
-                        "one of the run folders of 'poise bench' (DIR/runs/<method>/seed<S>)")
-    try:
-        run = json.loads(path.read_text())
-        run["dataset"], run["method"], run["seed"], run["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataError(f"'{path}' is not a poise run description ({err})") from None
-    if not isinstance(run["dataset"], str):
-        raise DataError(f"'{path}' names no dataset: the run was trained on splits built in Python, not loaded by "
-                        "name (--dataset), so poise eval cannot rebuild its data")
-    return run
+    return RunDescription.read(run_dir).to_dict()
 
 
 def check_overrides(flat_keys: list[str]) -> None:
@@ -55,7 +44,7 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None, split: str = "tes
                  missing_rates: list[float] | None = None, drop_each: bool = True) -> dict[str, Any]:
     """Scores of the run's best checkpoint on ``split``: as it is (``missing_rate`` = the configured
     rate), at each of ``missing_rates``, and with each modality dropped from every sample."""
-    from poise.bench import method_options, splits_for
+    from poise.runs import method_options, splits_for
     from poise.config import build_config, flatten
     from poise.data.registry import split_missing_mask
     from poise.eval.metrics import evaluate
@@ -84,11 +73,13 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None, split: str = "tes
     splits = splits_for(run["dataset"], cfg, run.get("standardization"))
     method = make_method(run["method"], method_options(cfg, run["method"]))
     trainer = Trainer(splits, method, cfg, seed=run["seed"], method_name=run.get("name", run["method"]))
-    model = trainer.build_model()
+    trainer.setup(training=False)  # the method's setup first: its predict may depend on its state
+    model = trainer.model
     try:
         model.load_state_dict(state)
-    except RuntimeError as err:
-        raise DataError(f"'{best_path}' does not fit the model of '{run_dir / RUN_FILE}': "
+        method.load_state_dict(best.get("method") or {})
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise DataError(f"'{best_path}' does not fit the model or the method of '{run_dir / RUN_FILE}': "
                         f"{str(err).splitlines()[0]}") from None
     dataset = splits.split(split)
     modalities = list(model.modalities)

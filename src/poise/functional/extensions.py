@@ -14,18 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from poise.functional.confidence import confidence_ratios, confidence_scores
+from poise.functional.confidence import Reducer, confidence_ratios, confidence_scores
 
 BoostTargets = Literal["below_one", "weakest"]
 DistillStudents = Literal["all", "weakest"]
 
 
 def batch_confidence_ratios(
-    unimodal_logits: dict[str, Tensor], labels: Tensor, present: Tensor | None = None
+    unimodal_logits: dict[str, Tensor], labels: Tensor, present: Tensor | None = None, reduce: Reducer | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(M,) confidence ratios in the order of ``unimodal_logits`` (scores summed over ranks), and a
-    0-d bool that is False when no sample had every modality (the scores, hence the ratios, are void)."""
-    scores = confidence_scores(unimodal_logits, labels, present, reduce=True)
+    """(M,) confidence ratios in the order of ``unimodal_logits`` (scores summed over processes by ``reduce``
+    when given), and a 0-d bool that is False when no sample had every modality (the scores, hence the
+    ratios, are void)."""
+    scores = confidence_scores(unimodal_logits, labels, present, reduce=reduce)
     ratios = confidence_ratios(scores)
     valid = torch.stack(list(scores.values())).sum() > 0
     return torch.stack([ratios[m] for m in unimodal_logits]), valid
@@ -58,6 +59,7 @@ def weak_boost_coefficients(
     alpha: float,
     present: Tensor | None = None,
     targets: BoostTargets = "below_one",
+    reduce: Reducer | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Per-modality gradient (or learning-rate) multipliers that raise the weak modalities, and the
     confidence ratios they come from, from a batch's unimodal logits.
@@ -65,7 +67,7 @@ def weak_boost_coefficients(
     With a ``present`` mask only samples that have every modality are scored; a batch without such a
     sample decides nothing (every coefficient is 1).
     """
-    ratios, valid = batch_confidence_ratios(unimodal_logits, labels, present)
+    ratios, valid = batch_confidence_ratios(unimodal_logits, labels, present, reduce)
     k = boost_coefficients_from_ratios(ratios, alpha, targets)
     k = torch.where(valid, k, torch.ones_like(k))
     names = list(unimodal_logits)

@@ -18,6 +18,13 @@ batch. ``backward`` goes through ``ctx.backward``; a forward pass a method runs 
 ``on_epoch_start``; ``state_dict`` holds tensors and plain values only (checkpoints load with
 ``torch.load(weights_only=True)``).
 
+State: a method declares what it keeps across steps with ``add_state(name, default, reduce=...,
+persistent=...)`` (in ``__init__`` or in ``setup``, the way a torchmetrics metric does); the base class
+saves it (``state_dict``), loads it (``load_state_dict``) and reduces it across processes
+(``reduce_state``). ``setup`` always runs before ``load_state_dict`` (in training, on resume, when the best
+epoch is loaded back and in ``poise eval``), so state created in ``setup`` (generators seeded from the
+run's seed, heads sized by the model) exists when it is loaded.
+
 A method declares what it needs (class attributes below) so that an incompatible combination fails
 in ``check`` with one sentence, before any training. What it decides each step (ratios,
 coefficients, weights) goes through ``record``; the trainer averages the records over each epoch and
@@ -26,7 +33,9 @@ logs them.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -72,10 +81,15 @@ class Method:
     #: fusion used when the configuration names none; ``fusions`` restricts the choice when set
     default_fusion: ClassVar[str] = "concat"
     fusions: ClassVar[tuple[str, ...] | None] = None
-    #: the method reads ``output.unimodal_logits`` (every fusion provides them; kept for clarity)
-    needs_unimodal_logits: ClassVar[bool] = False
     #: the method calls ``ctx.optimizer_step()`` itself inside ``backward`` (multi-step methods)
     owns_optimizer_step: ClassVar[bool] = False
+    #: the method backpropagates more than once per step (``ctx.backward`` several times, ``ctx.gradients``,
+    #: a backward through ``ctx.masked_forward``): gradients are then averaged across processes once, at
+    #: the step, instead of by DistributedDataParallel during the backward
+    multiple_backward: ClassVar[bool] = False
+    #: every decision is made once per step from the step's whole batch (``after_backward``), so that
+    #: accumulating micro-batches changes none of them (the conformance test checks it)
+    per_batch_decisions: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams | dict[str, Any] | None = None, **kwargs: Any):
         if isinstance(params, MethodParams):
@@ -83,6 +97,7 @@ class Method:
         else:
             self.params = self.Params(**{**(params or {}), **kwargs})
         self._records: dict[str, list[Tensor]] = defaultdict(list)
+        self._states: dict[str, StateSpec] = {}
         self.ctx: TrainContext | None = None
 
     @property
@@ -168,9 +183,113 @@ class Method:
         self._records.clear()
         return out
 
+    def records_state(self) -> dict[str, Tensor]:
+        """The values recorded since the last ``pop_records``, one stacked CPU tensor per name (checkpoints)."""
+        return {k: torch.stack([v.cpu() for v in vs]) for k, vs in self._records.items() if vs}
+
+    def load_records_state(self, state: dict[str, Tensor], device: torch.device | str | None = None) -> None:
+        """Replace the pending records by those of ``records_state``."""
+        self._records.clear()
+        for k, values in state.items():
+            self._records[k] = list(values.to(device).unbind(0) if device is not None else values.unbind(0))
+
+    # ---- declared state --------------------------------------------------------------------------
+    def add_state(self, name: str, default: Any, reduce: str | Callable[[Tensor], Tensor] | None = None,
+                  persistent: bool = True) -> Any:
+        """Declare ``self.<name>`` as method state, set to ``default`` (returned).
+
+        ``default``: a tensor, a ``torch.Generator`` or a plain value (number, string, list, dict of those).
+        ``reduce``: how ``reduce_state`` combines the ranks' values: ``"sum"``, ``"mean"``, ``"max"``,
+        ``"min"``, ``"cat"`` (along dimension 0) or a function of the local tensor that returns the reduced
+        one; None: every rank keeps its own. ``persistent``: saved by ``state_dict``. Loading keeps the
+        object: a tensor of the same shape is copied in place and a generator gets the saved state, so other
+        references to it see the loaded value."""
+        if reduce is not None and not callable(reduce) and reduce not in STATE_REDUCTIONS:
+            raise ValueError(f"state '{name}' of method '{self.name}': reduce must be one of "
+                             f"{', '.join(STATE_REDUCTIONS)} or a function, not '{reduce}'")
+        if reduce is not None and not isinstance(default, Tensor):
+            raise ValueError(f"state '{name}' of method '{self.name}': only tensor state can be reduced across processes")
+        self._states[name] = StateSpec(_copy_state(default), reduce, persistent)
+        setattr(self, name, default)
+        return default
+
+    def reset_state(self, *names: str) -> None:
+        """Set the named states (all when none is named) back to their defaults."""
+        for name in names or tuple(self._states):
+            default, current = self._states[name].default, getattr(self, name)
+            if isinstance(current, torch.Generator):
+                current.set_state(default)
+            else:
+                setattr(self, name, _copy_state(default))
+
+    def reduce_state(self, *names: str) -> None:
+        """Replace the named states (all reducible ones when none is named) by their reduction over the
+        processes of the run (nothing changes in one process)."""
+        from poise.train.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum, is_distributed
+
+        if not is_distributed():
+            return
+        import torch.distributed as dist
+
+        reducers = {"sum": all_reduce_sum, "mean": all_reduce_mean, "cat": all_gather_cat}
+        for name in names or tuple(self._states):
+            spec = self._states[name]
+            if spec.reduce is None:
+                continue
+            value = getattr(self, name)
+            if callable(spec.reduce):
+                value = spec.reduce(value)
+            elif spec.reduce in reducers:
+                value = reducers[spec.reduce](value)
+            else:
+                value = value.clone()
+                dist.all_reduce(value, op=dist.ReduceOp.MAX if spec.reduce == "max" else dist.ReduceOp.MIN)
+            setattr(self, name, value)
+
     def state_dict(self) -> dict[str, Any]:
-        """Method state to checkpoint (tensors and plain values only)."""
-        return {}
+        """Method state to checkpoint (tensors and plain values only): every persistent declared state;
+        a method with state of another kind adds it to this dictionary."""
+        out: dict[str, Any] = {}
+        for name, spec in self._states.items():
+            if spec.persistent:
+                value = getattr(self, name)
+                out[name] = value.get_state() if isinstance(value, torch.Generator) else _copy_state(value)
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Load what ``state_dict`` saved. Runs after ``setup``; a declared state missing from ``state``
+        (a checkpoint of an older version) keeps its current value."""
+        for name, spec in self._states.items():
+            if not spec.persistent or name not in state:
+                continue
+            current, saved = getattr(self, name), state[name]
+            if isinstance(current, torch.Generator):
+                current.set_state(saved)
+            elif isinstance(current, Tensor) and isinstance(saved, Tensor) and current.shape == saved.shape:
+                with torch.no_grad():
+                    current.copy_(saved.to(current.device, current.dtype))
+            elif isinstance(saved, Tensor):
+                device = current.device if isinstance(current, Tensor) else None
+                setattr(self, name, saved.detach().clone().to(device) if device is not None else saved.detach().clone())
+            else:
+                setattr(self, name, copy.deepcopy(saved))
+
+
+STATE_REDUCTIONS = ("sum", "mean", "max", "min", "cat")
+
+
+@dataclass
+class StateSpec:
+    """One declared piece of method state (see ``Method.add_state``)."""
+
+    default: Any
+    reduce: str | Callable[[Tensor], Tensor] | None
+    persistent: bool
+
+
+def _copy_state(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, torch.Generator):
+        return value.get_state()  # a generator's default is its starting state
+    return copy.deepcopy(value)

@@ -24,6 +24,7 @@ from poise.functional.extensions import (
 from poise.functional.teachers import feature_distillation_losses
 from poise.methods.base import Method, MethodParams, StepPlan
 from poise.methods.teachers import check_checkpoints, unimodal_models, validation_accuracy
+from poise.train.distributed import all_reduce_sum
 
 if TYPE_CHECKING:
     from poise.data.base import DatasetInfo
@@ -89,7 +90,7 @@ class BoostWeak(Method):
     name = "boost_weak"
     Params: ClassVar[type[MethodParams]] = BoostWeakParams
     min_modalities = 2
-    needs_unimodal_logits = True
+    per_batch_decisions = True
     params: BoostWeakParams
 
     def setup(self, ctx: TrainContext) -> None:
@@ -109,7 +110,7 @@ class BoostWeak(Method):
         if not self.params.active(self.ctx.epoch):
             return
         coefficients, ratios = weak_boost_coefficients(
-            output.unimodal_logits, batch.labels, self.params.alpha, batch.present, self.params.targets
+            output.unimodal_logits, batch.labels, self.params.alpha, batch.present, self.params.targets, all_reduce_sum
         )
         for m, k in coefficients.items():
             self.record(f"coef/{m}", k)
@@ -154,7 +155,6 @@ class UncertaintyWeighting(Method):
     name = "uncertainty"
     Params: ClassVar[type[MethodParams]] = UncertaintyParams
     min_modalities = 2
-    needs_unimodal_logits = True
     params: UncertaintyParams
 
     def __init__(self, params: MethodParams | dict[str, Any] | None = None, **kwargs: Any):
@@ -258,7 +258,6 @@ class Distill(Method):
     name = "distill"
     Params: ClassVar[type[MethodParams]] = DistillParams
     min_modalities = 2
-    needs_unimodal_logits = True
     params: DistillParams
 
     def check(self, info: DatasetInfo, modalities: tuple[str, ...], fusion: str) -> None:
@@ -307,7 +306,7 @@ class Distill(Method):
 
     def loss(self, output: ModelOutput, batch: MultimodalBatch) -> dict[str, Tensor]:
         ce = F.cross_entropy(output.logits, batch.labels)
-        ratios, valid = batch_confidence_ratios(output.unimodal_logits, batch.labels, batch.present)
+        ratios, valid = batch_confidence_ratios(output.unimodal_logits, batch.labels, batch.present, all_reduce_sum)
         teacher, students = distillation_roles(ratios, valid, self._teacher_index, self.params.students)
         logits = output.unimodal_logits
         teacher_features = None

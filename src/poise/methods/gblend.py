@@ -208,7 +208,6 @@ class GradientBlending(Method):
         self.estimate_rows = np.zeros(0, dtype=np.int64)
         self._weight_tensor: Tensor | None = None
         self._fallback_tensor: Tensor | None = None
-        self._pending_state: dict[str, Any] | None = None
 
     # ---- start-up --------------------------------------------------------------------------------
     def check(self, info: DatasetInfo, modalities: tuple[str, ...], fusion: str) -> None:
@@ -226,7 +225,6 @@ class GradientBlending(Method):
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
-        p = self.params
         model = ctx.model
         self.trained_modalities = tuple(model.modalities)
         self.head_names = (*self.trained_modalities, FUSED)
@@ -244,9 +242,6 @@ class GradientBlending(Method):
         self._measured = evaluation_view(ctx.splits.train)
         self._holdout_loader = ctx.make_loader(Subset(self._measured, self.holdout_rows.tolist()), False)
         self._set_weights({h: 1.0 / len(self.head_names) for h in self.head_names})
-        if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            self.load_state_dict(state)
 
     def _split_holdout(self, ctx: TrainContext) -> tuple[np.ndarray, np.ndarray]:
         """Stratified by class when the dataset exposes its labels; fixed by ``data.split_seed``."""
@@ -421,9 +416,6 @@ class GradientBlending(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.heads is None:
-            self._pending_state = state  # applied in setup, once the heads exist
-            return
         if "heads" in state:
             self.heads.load_state_dict(state["heads"])
         if state.get("weights"):

@@ -170,8 +170,8 @@ class MLA(Method):
     Params: ClassVar[type[MethodParams]] = MLAParams
     default_fusion = "shared"
     fusions = ("shared",)
-    needs_unimodal_logits = True
     owns_optimizer_step = True
+    multiple_backward = True
 
     def __init__(self, params: MethodParams | dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(params, **kwargs)

@@ -86,7 +86,7 @@ class OGM(Method):
     name = "ogm"
     Params: ClassVar[type[MethodParams]] = OGMParams
     min_modalities = 2
-    needs_unimodal_logits = True
+    per_batch_decisions = True
     #: add the generalisation-enhancement noise
     ge_noise: ClassVar[bool] = False
 
@@ -95,7 +95,6 @@ class OGM(Method):
         self._groups: list[list[nn.Parameter]] = []
         self._modalities: tuple[str, ...] = ()
         self._noise_generator: torch.Generator | None = None
-        self._pending_state: dict[str, Any] | None = None
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
@@ -113,9 +112,8 @@ class OGM(Method):
                 )
             self._groups.append(group)
         # Same seed on every rank: after DDP's all-reduce the gradients agree, and so must the noise.
-        self._noise_generator = torch.Generator(device=ctx.device).manual_seed(ctx.seed * 1_000_003 + _NOISE_STREAM)
-        if self._pending_state is not None:
-            self.load_state_dict(self._pending_state)
+        self._noise_generator = self.add_state(
+            "noise_generator", torch.Generator(device=ctx.device).manual_seed(ctx.seed * 1_000_003 + _NOISE_STREAM))
 
     def active(self, epoch: int) -> bool:
         return self.params.modulation_starts <= epoch <= self.params.modulation_ends
@@ -125,7 +123,7 @@ class OGM(Method):
         if not self.active(self.ctx.epoch):
             return
         unimodal = {m: output.unimodal_logits[m] for m in self._modalities}
-        scores = confidence_scores(unimodal, batch.labels, batch.present, reduce=True)
+        scores = confidence_scores(unimodal, batch.labels, batch.present, reduce=all_reduce_sum)
         ratios = stack_ratios(scores)
         coefficients = modulation_coefficients(ratios, self.params.alpha, self.params.continuous)
         modulate_gradients(self._groups, coefficients, noise=self.ge_noise, generator=self._noise_generator)
@@ -133,19 +131,6 @@ class OGM(Method):
             self.record(f"ratio/{m}", ratios[i])
             self.record(f"coef/{m}", coefficients[i])
 
-    def state_dict(self) -> dict[str, Any]:
-        if self._noise_generator is None:
-            return {}
-        return {"noise_generator": self._noise_generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        if self._noise_generator is None:
-            self._pending_state = state
-            return
-        self._noise_generator.set_state(state["noise_generator"])
-        self._pending_state = None
 
 
 class OGMGE(OGM):
@@ -177,7 +162,6 @@ class OPM(Method):
     name = "opm"
     Params: ClassVar[type[MethodParams]] = OPMParams
     min_modalities = 2
-    needs_unimodal_logits = True
 
     def __init__(self, params: MethodParams | dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(params, **kwargs)
@@ -188,7 +172,6 @@ class OPM(Method):
         self._previous_ratios: Tensor | None = None
         self._keep: Tensor | None = None
         self._skip = False
-        self._pending_state: dict[str, Any] | None = None
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
@@ -199,10 +182,9 @@ class OPM(Method):
         base = ctx.seed * 1_000_003
         # The per-batch decision is the same on every rank (one batch, one decision); the per-sample
         # masks differ by rank because every rank holds different samples.
-        self._coin_generator = torch.Generator().manual_seed(base + _COIN_STREAM)
-        self._mask_generator = torch.Generator(device=ctx.device).manual_seed(base + _MASK_STREAM + 7919 * rank())
-        if self._pending_state is not None:
-            self.load_state_dict(self._pending_state)
+        self._coin_generator = self.add_state("coin_generator", torch.Generator().manual_seed(base + _COIN_STREAM))
+        self._mask_generator = self.add_state(
+            "mask_generator", torch.Generator(device=ctx.device).manual_seed(base + _MASK_STREAM + 7919 * rank()))
 
     def per_batch_decision(self) -> str | None:
         return "draws whether to drop features and computes its confidence ratio"
@@ -210,7 +192,7 @@ class OPM(Method):
     # ---- ratio estimate ---------------------------------------------------------------------------
     def _ratios(self, unimodal_logits: dict[str, Tensor], batch: MultimodalBatch) -> Tensor:
         unimodal = {m: unimodal_logits[m] for m in self._modalities}
-        return stack_ratios(confidence_scores(unimodal, batch.labels, batch.present, reduce=True))
+        return stack_ratios(confidence_scores(unimodal, batch.labels, batch.present, reduce=all_reduce_sum))
 
     @torch.no_grad()
     def _current_ratios(self, batch: MultimodalBatch) -> Tensor:
@@ -281,25 +263,12 @@ class OPM(Method):
 
     # ---- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self._coin_generator is None or self._mask_generator is None:
-            return {}
-        state: dict[str, Any] = {
-            "coin_generator": self._coin_generator.get_state(),
-            "mask_generator": self._mask_generator.get_state(),
-        }
+        state = super().state_dict()  # the two generators
         if self._previous_ratios is not None:
             state["previous_ratios"] = self._previous_ratios.detach().cpu().clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        if self._coin_generator is None or self._mask_generator is None:
-            self._pending_state = state
-            return
-        self._coin_generator.set_state(state["coin_generator"])
-        self._mask_generator.set_state(state["mask_generator"])
+        super().load_state_dict(state)
         previous = state.get("previous_ratios")
-        device = self._feature_dims.device if self._feature_dims is not None else None
-        self._previous_ratios = previous.to(device) if previous is not None else None
-        self._pending_state = None
+        self._previous_ratios = previous.to(self._feature_dims.device) if previous is not None else None

@@ -14,6 +14,11 @@ from poise.methods.ogm import OGM, OGMGE, OPM
 from poise.methods.teachers import UME, UMT
 from poise.registry import Registry
 
+def _name_is_key(key: str, cls: type[Method]) -> None:
+    if cls.name != key:
+        raise ValueError(f"method class {cls.__name__} is registered as '{key}' but its name is '{cls.name}'")
+
+
 METHODS: Registry[type[Method]] = Registry(
     "method",
     {
@@ -31,6 +36,7 @@ METHODS: Registry[type[Method]] = Registry(
         "umt": UMT,
         "ume": UME,
     },
+    check=_name_is_key,
 )
 
 #: methods that balance modalities (everything but the two baselines), in the order reports list them
@@ -42,7 +48,18 @@ def balancing_methods() -> list[str]:
 
 
 def make_method(spec: str, options: dict[str, Any] | None = None) -> Method:
-    """Build a method from its registered name (``unimodal:<modality>`` for the unimodal baseline)."""
+    """Build a method from its registered name (``unimodal:<modality>`` for the unimodal baseline), or
+    several joined by ``+`` (``ogm_ge+modality_dropout``: :class:`poise.methods.compose.Combined`; then
+    ``options`` maps each part's name to its options)."""
+    if "+" in spec:
+        from poise.methods.compose import Combined
+
+        parts = [part.strip() for part in spec.split("+")]
+        by_part = dict(options or {})
+        for key in by_part:
+            if key not in [p.partition(":")[0] for p in parts]:
+                raise ConfigError(f"options for '{key}' given to '{spec}', which combines {', '.join(parts)}")
+        return Combined([make_method(part, by_part.get(part.partition(":")[0])) for part in parts])
     name, _, arg = spec.partition(":")
     cls = METHODS[name]
     options = dict(options or {})

@@ -166,6 +166,8 @@ class UMT(Method):
 
     def setup(self, ctx):
         super().setup(ctx)
+        if not ctx.training:
+            return
         p = self.params
         models = unimodal_models(ctx, ctx.model.modalities, p.teacher_checkpoints, p.teacher_epochs)
         self.teachers: dict[str, nn.Module] = {}
@@ -239,6 +241,8 @@ class UME(Method):
 
     def setup(self, ctx):
         super().setup(ctx)
+        if not ctx.training:
+            return
         p = self.params
         members = unimodal_models(ctx, ctx.model.modalities, p.member_checkpoints, p.member_epochs)
         for m, member in members.items():

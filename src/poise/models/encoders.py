@@ -13,23 +13,8 @@ from torch import Tensor, nn
 
 from poise.data.base import ModalitySpec
 from poise.errors import IncompatibleError
+from poise.models.init import init_weights  # noqa: F401  (also importable from here)
 from poise.registry import Registry
-
-
-def init_weights(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)):
-            if m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
 
 class MLPEncoder(nn.Module):
@@ -118,7 +103,6 @@ class TokenEncoder(nn.Module):
         return self.project(h.amax(dim=2))
 
 
-# imported here, below init_weights, which the ResNet and transformer encoders reuse
 from poise.models.resnet import ResNet18Encoder, TextEncoder, TransformerSequenceEncoder  # noqa: E402
 
 ENCODERS: Registry[type[nn.Module]] = Registry(

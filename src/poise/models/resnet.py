@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from poise.data.base import ModalitySpec
 from poise.errors import IncompatibleError
-from poise.models.encoders import init_weights
+from poise.models.init import init_weights
 
 RESNET18_WIDTH = 512
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from poise.errors import ConfigError, DataError
 
@@ -121,5 +122,47 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else prefix.rstrip(".") or "(the whole configuration)"
 
 
-__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "atomic_save", "first_difference", "load_checkpoint", "read_torch_file", "rng_state",
+#: the file ``poise pretrain`` writes: modality -> encoder state dict
+ENCODERS_FILE = "encoders.pt"
+
+
+def load_encoders(model: nn.Module, init_dir: str | Path) -> list[str]:
+    """Load the encoders written by :func:`run_pretrain` (``init_dir/encoders.pt``, or that file itself)
+    into ``model``'s encoders; modalities in the file that the model lacks are ignored. Every modality is
+    checked before any weight is copied, so a refused file leaves the model as it was. Returns the
+    loaded modalities."""
+    path = Path(init_dir)
+    file = path / ENCODERS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"pre-trained encoders '{file}' do not exist: give a folder written by 'poise pretrain'")
+    saved = read_torch_file(file, "pre-trained encoders written by 'poise pretrain'")
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+        raise DataError(f"'{file}' is not a file written by 'poise pretrain' (expected modality -> encoder weights)")
+    for m in model.modalities:
+        if m not in saved:
+            raise DataError(f"'{file}' has no encoder for modality '{m}' (it has: {', '.join(saved) or 'none'})")
+        problem = _state_mismatch(model.encoders[m].state_dict(), saved[m])
+        if problem:
+            raise DataError(f"'{file}': the encoder of modality '{m}' does not match this model ({problem}); "
+                            "pre-train with the same model configuration")
+    for m in model.modalities:
+        model.encoders[m].load_state_dict(saved[m])
+    return list(model.modalities)
+
+
+def _state_mismatch(expected: dict[str, Tensor], given: dict[str, Any]) -> str | None:
+    missing = [k for k in expected if k not in given]
+    if missing:
+        return f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    unexpected = [k for k in given if k not in expected]
+    if unexpected:
+        return f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+    for k, v in expected.items():
+        if not isinstance(given[k], Tensor) or given[k].shape != v.shape:
+            shape = tuple(given[k].shape) if isinstance(given[k], Tensor) else type(given[k]).__name__
+            return f"{k} has shape {shape}, expected {tuple(v.shape)}"
+    return None
+
+
+__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "ENCODERS_FILE", "load_encoders", "atomic_save", "first_difference", "load_checkpoint", "read_torch_file", "rng_state",
            "set_rng_state", "to_cpu"]

@@ -7,7 +7,9 @@ Order within one optimizer step (``accumulate`` micro-batches):
     [per micro-batch]  forward and loss under autocast -> ctx.backward: loss / accumulate, scaled (fp16),
                        backward outside autocast (DDP averages during the last micro-batch's backward)
     finish_gradients:  average what DDP did not (a method's own parameters; everything for methods that
-                       own the step), then unscale (fp16)     <- every gradient a method sees is final
+                       own the step or backpropagate several times), add the gradients a method handed in
+                       with ``add_gradients`` (already averaged), unscale (fp16), drop the gradients of
+                       frozen parameters                      <- every gradient a method sees is final
     after_backward     (gradient edits)
     optimizer_step:    finiteness check (one host sync), clipping, step (through the scaler), zero grad
 """
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from poise.errors import PoiseError
-from poise.train.distributed import average_gradients, is_distributed
+from poise.train.distributed import all_reduce_mean, average_gradients, is_distributed
 
 if TYPE_CHECKING:
     from poise.config import RunConfig
@@ -70,13 +72,15 @@ class StepEngine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, device: torch.device,
                  method_name: str, owns_optimizer_step: bool, forward_module: nn.Module | None = None,
-                 where: Callable[[], tuple[int, int]] = lambda: (0, 0)):
+                 where: Callable[[], tuple[int, int]] = lambda: (0, 0), multiple_backward: bool = False):
         t = config.trainer
         self.model, self.optimizer, self.device = model, optimizer, device
         self.forward_module = forward_module if forward_module is not None else model
         self.ddp = isinstance(self.forward_module, DistributedDataParallel)
         self.method_name = method_name
         self.owns_step = owns_optimizer_step
+        #: gradients averaged here, not by DDP: the method backpropagates several times or takes its own steps
+        self.manual_average = owns_optimizer_step or multiple_backward
         self.accumulate = t.accumulate
         self.grad_clip = t.grad_clip
         self.amp_dtype = AMP_DTYPES.get(t.amp)
@@ -90,6 +94,12 @@ class StepEngine:
         self.backward_calls = 0
         self._gradients_final = False
         self._loss_flags: list[tuple[int, int, list[str], Tensor]] = []
+        #: gradients handed in by the method (``add_gradients``): already averaged over processes, unscaled
+        self._added: dict[int, tuple[nn.Parameter, Tensor]] = {}
+        #: a loss added to the next backward of the micro-batch (the fusion's auxiliary heads)
+        self._carried: Tensor | None = None
+        #: parameters whose gradients are dropped before every step (a method's training phase)
+        self.frozen: list[nn.Parameter] = []
 
     # ---- forward ----------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -101,26 +111,71 @@ class StepEngine:
         """Wraps a micro-batch's forward and backward: DDP averages gradients only in the last
         micro-batch of a step, and never for methods that own the step (they may backpropagate several
         times per forward; their gradients are averaged in ``finish_gradients``)."""
-        if self.ddp and (self.owns_step or not sync):
+        if self.ddp and (self.manual_average or not sync):
             return self.forward_module.no_sync()
         return contextlib.nullcontext()
 
     # ---- backward ---------------------------------------------------------------------------------
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
         if self.owns_step and self._gradients_final and self.scaler is not None:
             raise PoiseError(
                 f"method '{self.method_name}' called ctx.backward twice without ctx.optimizer_step in between; "
                 "with trainer.amp fp16 every backward of a method that owns the step must be followed by a step"
             )
+        if self._carried is not None:
+            loss, self._carried = loss + self._carried, None
         if self.accumulate > 1:
             loss = loss / self.accumulate
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
         with torch.autocast(device_type=self.device.type, enabled=False):
-            loss.backward()
+            loss.backward(retain_graph=retain_graph)
         self.backward_calls += 1
         if self.owns_step:
             self.finish_gradients()
+
+    def carry(self, loss: Tensor | None) -> None:
+        """Add ``loss`` to the next backward of this micro-batch (whatever the method backpropagates)."""
+        self._carried = loss
+
+    def flush_carried(self) -> None:
+        """Backpropagate a carried loss that no backward of the method took (it skipped the batch)."""
+        if self._carried is None:
+            return
+        if self.owns_step:
+            self._carried = None  # its step is over: the heads skip this batch as the method did
+        else:
+            self.backward(self._carried.new_zeros(()))
+
+    def gradients(self, loss: Tensor, params: list[nn.Parameter], retain_graph: bool = False) -> list[Tensor]:
+        """The gradients of ``loss`` on ``params`` (zeros where a parameter does not take part), averaged over
+        processes and unscaled; ``.grad`` is left as it is. Under fp16 the loss is scaled for the backward
+        pass so that small gradients survive, and the result divided back. ``retain_graph=True`` keeps the
+        graph for the losses still to come."""
+        params = list(params)
+        scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            grads = torch.autograd.grad(scaled, params, retain_graph=retain_graph, allow_unused=True)
+        out = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if self.scaler is not None:
+            inv = 1.0 / self.scaler.get_scale()
+            out = [g * inv for g in out]
+        if is_distributed() and out:
+            flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in out]))
+            out = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in out]), out)]
+        return out
+
+    def add_gradients(self, params: list[nn.Parameter], grads: list[Tensor]) -> None:
+        """Add gradients that a method computed (with ``gradients``: already averaged and unscaled) to this
+        step's gradient, weighted by 1 / ``accumulate`` as ``backward`` weights a loss. They are added in
+        ``finish_gradients``, after the averaging of what ``backward`` produced, so they are averaged once."""
+        for p, g in zip(params, grads):
+            g = g.detach() / self.accumulate if self.accumulate > 1 else g.detach()
+            if self._gradients_final:  # after a step-owning method's backward: the gradients are final already
+                p.grad = g.to(p.dtype).clone() if p.grad is None else p.grad + g.to(p.dtype)
+                continue
+            key = id(p)
+            self._added[key] = (p, g if key not in self._added else self._added[key][1] + g)
 
     def release_without_backward(self, output: Any) -> None:
         """A DDP step in which the method backpropagated nothing (it skipped the batch): every rank must
@@ -140,19 +195,30 @@ class StepEngine:
                 self.optimizer.zero_grad(set_to_none=True)
 
     def has_gradients(self) -> bool:
-        return any(p.grad is not None for p in self.params)
+        return bool(self._added) or any(p.grad is not None for p in self.params)
 
     def finish_gradients(self) -> None:
         """Make the gradients final before any method reads them: averaged over ranks, unscaled."""
         if self._gradients_final:
             return
         if is_distributed():
-            if self.owns_step or not self.ddp:
+            if self.manual_average or not self.ddp:
                 average_gradients(self.params)
             elif self.extra_params:
                 average_gradients(self.extra_params)
+        if self._added:
+            # scaled like the backward's gradients, so that the scaler's unscale also checks them
+            if self.scaler is not None:
+                self.scaler.scale(torch.zeros((), device=self.device))  # starts the scaler when no backward did
+            scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+            for p, g in self._added.values():
+                g = g.to(p.dtype) * scale if scale != 1.0 else g.to(p.dtype)
+                p.grad = g.clone() if p.grad is None else p.grad + g
+            self._added.clear()
         if self.scaler is not None and self.has_gradients():
             self.scaler.unscale_(self.optimizer)
+        for p in self.frozen:
+            p.grad = None
         self._gradients_final = True
 
     # ---- checks -----------------------------------------------------------------------------------
@@ -225,6 +291,7 @@ class StepEngine:
     def _reset(self) -> None:
         self.backward_calls = 0
         self._gradients_final = False
+        self._added.clear()
 
     # ---- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any] | None:

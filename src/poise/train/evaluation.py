@@ -3,15 +3,15 @@
 Every rank scores its own batches (the evaluation loader gives rank r whole batches r, r + W, ..., the
 batches one process would form); the per-batch predictions are gathered in batch order and scored once,
 so the metrics are those of one process over the whole split. In one process this is exactly
-:func:`poise.eval.metrics.evaluate`.
+:func:`poise.train.metrics.evaluate`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from poise.eval.metrics import predict_batches, score
 from poise.train.distributed import all_reduce_sum, gather_strided, is_distributed
+from poise.train.metrics import predict_batches, score
 
 
 def evaluate_split(model, method, loader, num_classes: int, device: torch.device, curves=None) -> dict:

@@ -48,13 +48,13 @@ from torch import Tensor, nn
 from poise.config import RunConfig
 from poise.data.base import DataSplits
 from poise.data.batch import MultimodalBatch
-from poise.errors import ConfigError, DataError, IncompatibleError
+from poise.errors import ConfigError, IncompatibleError
 from poise.functional.contrastive import cross_modal_info_nce, nt_xent
 from poise.functional.jigsaw import jigsaw_permutations, jigsaw_tiles, shuffle_tiles
 from poise.models.encoders import MLPEncoder
+from poise.train.checkpoint import ENCODERS_FILE, load_encoders  # noqa: F401  (importable from here too)
 
 OBJECTIVES = ("contrastive", "augment", "jigsaw")
-ENCODERS_FILE = "encoders.pt"
 SUMMARY_FILE = "pretrain.json"
 
 KEEP_PROBABILITY = 0.8
@@ -158,8 +158,10 @@ def run_pretrain(splits: DataSplits, config: RunConfig, out_dir: Path, seed: int
     """Pre-train every encoder of the dataset's modalities without labels; write ``out_dir/encoders.pt``
     and ``out_dir/pretrain.json``; return the summary. ``epochs`` defaults to ``trainer.epochs``; the
     optimiser, learning rate, scheduler, batch size, clipping and device are the configuration's."""
-    from poise.methods.baselines import Joint
-    from poise.train.trainer import NonFiniteError, Trainer, atomic_save, atomic_write_text, seed_everything
+    from poise.io import atomic_write_text, seed_everything
+    from poise.train import factory
+    from poise.train.checkpoint import atomic_save
+    from poise.train.engine import NonFiniteError
 
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown pre-training objective '{objective}' (valid: {', '.join(OBJECTIVES)})")
@@ -180,22 +182,23 @@ def run_pretrain(splits: DataSplits, config: RunConfig, out_dir: Path, seed: int
     if epochs < 1:
         raise ConfigError(f"pre-training needs at least one epoch, got {epochs}")
     # the builders of a training run, so that the encoders match what `poise train --init` builds
-    builder = Trainer(splits, Joint(), config, seed=seed)
+    device = factory.run_device(config)
     seed_everything(seed)
-    model = builder.build_model(fusion="concat")
+    model = factory.build_model(config, splits.info, modalities, "concat", device,
+                                fusion_options=config.model.fusion in (None, "concat"))
     permutations = None
     if objective == "jigsaw":
-        permutations = jigsaw_permutations(JIGSAW_PERMUTATIONS, JIGSAW_GRID**2, seed).to(builder.device)
+        permutations = jigsaw_permutations(JIGSAW_PERMUTATIONS, JIGSAW_GRID**2, seed).to(device)
         heads = nn.ModuleDict({m: JigsawHead(model.fusion.feature_dims[m], JIGSAW_GRID**2, JIGSAW_PERMUTATIONS)
                                for m in trained})
     else:
         heads = nn.ModuleDict({m: ProjectionHead(model.fusion.feature_dims[m], embedding_dim) for m in modalities})
-    heads = heads.to(builder.device)
+    heads = heads.to(device)
     params = [p for m in trained for p in model.modality_parameters(m)] + list(heads.parameters())
-    optimizer = builder.build_optimizer(params)
-    scheduler = builder.build_scheduler(optimizer)
-    train_loader = builder.make_loader(splits.train, shuffle=True)
-    val_loader = builder.make_loader(splits.val, shuffle=False)
+    optimizer = factory.build_optimizer(config, params)
+    scheduler = factory.build_scheduler(config, optimizer)
+    train_loader = factory.make_loader(config, splits.train, seed, device, shuffle=True)
+    val_loader = factory.make_loader(config, splits.val, seed, device, shuffle=False)
     clip = config.trainer.grad_clip
 
     history: list[dict[str, float]] = []
@@ -204,9 +207,9 @@ def run_pretrain(splits: DataSplits, config: RunConfig, out_dir: Path, seed: int
     for epoch in range(epochs):
         model.train()
         heads.train()
-        total, steps = torch.zeros((), device=builder.device), 0
+        total, steps = torch.zeros((), device=device), 0
         for batch in train_loader:
-            batch = batch.to(builder.device, non_blocking=True)
+            batch = batch.to(device, non_blocking=True)
             loss = pretrain_loss(model, heads, batch, objective, temperature, permutations=permutations)
             if loss is None:
                 continue
@@ -221,7 +224,7 @@ def run_pretrain(splits: DataSplits, config: RunConfig, out_dir: Path, seed: int
             steps += 1
         if scheduler is not None:
             scheduler.step()
-        val_loss = _validation_loss(model, heads, val_loader, objective, temperature, builder.device, seed, permutations)
+        val_loss = _validation_loss(model, heads, val_loader, objective, temperature, device, seed, permutations)
         history.append({"epoch": epoch, "train_loss": float(total) / max(steps, 1), "val_loss": val_loss})
         if best_state is None or val_loss < best_loss or math.isnan(val_loss):  # no validation signal: the latest
             best_loss, best_epoch = val_loss, epoch
@@ -260,46 +263,6 @@ def _validation_loss(model, heads, loader, objective: str, temperature: float, d
             total += float(loss)
             steps += 1
     return total / steps if steps else math.nan
-
-
-def load_encoders(model: nn.Module, init_dir: str | Path) -> list[str]:
-    """Load the encoders written by :func:`run_pretrain` (``init_dir/encoders.pt``, or that file itself)
-    into ``model``'s encoders; modalities in the file that the model lacks are ignored. Every modality is
-    checked before any weight is copied, so a refused file leaves the model as it was. Returns the
-    loaded modalities."""
-    path = Path(init_dir)
-    file = path / ENCODERS_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise ConfigError(f"pre-trained encoders '{file}' do not exist: give a folder written by 'poise pretrain'")
-    from poise.train.checkpoint import read_torch_file
-
-    saved = read_torch_file(file, "pre-trained encoders written by 'poise pretrain'")
-    if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
-        raise DataError(f"'{file}' is not a file written by 'poise pretrain' (expected modality -> encoder weights)")
-    for m in model.modalities:
-        if m not in saved:
-            raise DataError(f"'{file}' has no encoder for modality '{m}' (it has: {', '.join(saved) or 'none'})")
-        problem = _state_mismatch(model.encoders[m].state_dict(), saved[m])
-        if problem:
-            raise DataError(f"'{file}': the encoder of modality '{m}' does not match this model ({problem}); "
-                            "pre-train with the same model configuration")
-    for m in model.modalities:
-        model.encoders[m].load_state_dict(saved[m])
-    return list(model.modalities)
-
-
-def _state_mismatch(expected: dict[str, Tensor], given: dict[str, Any]) -> str | None:
-    missing = [k for k in expected if k not in given]
-    if missing:
-        return f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-    unexpected = [k for k in given if k not in expected]
-    if unexpected:
-        return f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
-    for k, v in expected.items():
-        if not isinstance(given[k], Tensor) or given[k].shape != v.shape:
-            shape = tuple(given[k].shape) if isinstance(given[k], Tensor) else type(given[k]).__name__
-            return f"{k} has shape {shape}, expected {tuple(v.shape)}"
-    return None
 
 
 __all__ = ["IMAGE_LIKE_KINDS", "OBJECTIVES", "JigsawHead", "ProjectionHead", "jigsaw_logits", "load_encoders", "random_view", "run_pretrain"]

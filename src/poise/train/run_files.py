@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from poise.errors import PoiseError
+from poise.io import atomic_write_text
 
 #: a run folder's description: dataset, method, name, seed, init folder, configuration, standardisation
 RUN_FILE = "run.json"
@@ -18,13 +19,6 @@ RESULT_FILE = "result.json"
 #: what a finished or started run leaves in its folder (what --overwrite clears)
 RUN_OUTPUTS = (RUN_FILE, RESULT_FILE, "checkpoint.pt", "best.pt", "metrics.jsonl", "tensorboard", "pretrain",
                "eval_test.json", "eval_val.json")
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_run_description(out_dir: Path, description: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +35,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from poise.config import RunConfig
-from poise.data.base import DataSplits, evaluation_view
-from poise.data.batch import MultimodalBatch, collate
+from poise.data.base import DataSplits, check_splits, evaluation_view
+from poise.data.batch import MultimodalBatch
 from poise.errors import ConfigError, IncompatibleError
-from poise.eval.probe import linear_probe
+from poise.train.probe import linear_probe
 from poise.functional.confidence import confidence_ratios, confidence_scores
-from poise.methods.base import Method
-from poise.models.model import ModelOutput, MultimodalModel, build_model
+from poise.io import atomic_write_text, seed_everything
+from poise.models.model import ModelOutput, MultimodalModel
+from poise.train import factory
 from poise.train.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -61,17 +62,18 @@ from poise.train.distributed import (
     broadcast_object,
     broadcast_tensors,
     gather_objects,
-    init_distributed,
     is_distributed,
     is_main_process,
-    launched_by_torchrun,
     rank,
     world_size,
 )
 from poise.train.engine import NonFiniteError, StepEngine
 from poise.train.evaluation import evaluate_split
-from poise.train.run_files import RESULT_FILE, atomic_write_text, write_run_description
-from poise.train.sampler import ShardedBatchSampler
+from poise.train.run_files import RESULT_FILE, write_run_description
+from poise.train.factory import resolve_device
+
+if TYPE_CHECKING:
+    from poise.methods.base import Method
 
 Tensor = torch.Tensor
 
@@ -108,25 +110,6 @@ def test_selected(history: list[dict[str, Any]]) -> dict[str, Any]:
     best = max(scored, key=lambda h: (h["test_every_epoch"]["accuracy"], -h["epoch"]))
     metrics = {k: v for k, v in best["test_every_epoch"].items() if k != "loss"}
     return {**metrics, "epoch": best["epoch"], "selected_on": "test"}
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device is '{name}' but CUDA is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"trainer.device '{name}' is not a device name (expected cpu, cuda or cuda:N)") from None
 
 
 def concat_outputs(outputs: list[ModelOutput]) -> ModelOutput:
@@ -242,12 +225,7 @@ class Trainer:
         if resume and self.out_dir is None:
             raise ConfigError("resuming needs the run folder that holds checkpoint.pt (out_dir)")
         t = config.trainer
-        self.device = resolve_device(t.device)
-        if launched_by_torchrun():
-            self.device = init_distributed(self.device, t.dist_backend)
-        if t.amp == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("trainer.amp bf16 needs a GPU with bfloat16 support; use fp16 on this one")
-        from poise.data.base import check_splits
+        self.device = factory.run_device(config)  # joining a torchrun group is the caller's explicit step
 
         check_splits(splits, f"dataset '{splits.source or splits.info.name}'",
                      empty_val=config.data.protocol == "released")
@@ -275,27 +253,14 @@ class Trainer:
 
     # ---- builders ------------------------------------------------------------------------------
     def build_model(self, modalities: tuple[str, ...] | None = None, fusion: str | None = None) -> MultimodalModel:
-        mc = self.config.model
-        return build_model(
-            self.splits.info, modalities or self.modalities, fusion or self.fusion,
-            feature_dim=mc.feature_dim, encoders=mc.encoders, encoder_options=mc.encoder_options,
-            fusion_options=mc.fusion_options if fusion in (None, self.fusion) else None,
-        ).to(self.device)
+        return factory.build_model(self.config, self.splits.info, modalities or self.modalities, fusion or self.fusion,
+                                   self.device, fusion_options=fusion in (None, self.fusion))
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:
-        t = self.config.trainer
-        params = [p for p in params if p.requires_grad]
-        if t.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return factory.build_optimizer(self.config, params)
 
     def build_scheduler(self, optimizer):
-        t = self.config.trainer
-        if t.scheduler == "step":
-            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_size, gamma=t.gamma)
-        if t.scheduler == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
-        return None
+        return factory.build_scheduler(self.config, optimizer)
 
     def make_loader(self, dataset: Dataset, shuffle: bool, micro_batches: int | None = None,
                     sharded: bool = True) -> DataLoader:
@@ -305,29 +270,19 @@ class Trainer:
         ``micro_batches`` micro-batches (default ``trainer.accumulate``; a method's own training loop
         passes 1). ``shuffle=False`` (evaluation): whole batches in order, process r taking every W-th.
         ``sharded=False``: all of the data in this process (the linear probe on rank 0)."""
-        t = self.config.trainer
-        num_shards, shard = (world_size(), rank()) if sharded else (1, 0)
-        sampler = ShardedBatchSampler(
-            len(dataset), t.batch_size, shuffle, seed=self.seed * 1_000_003 + 17, split=shuffle,
-            num_shards=num_shards, shard=shard, micro_batches=t.accumulate if micro_batches is None else micro_batches,
-        )
-        # the loader's own generator only seeds its workers; the order comes from the sampler
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 17) if shuffle else None
-        return DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=t.num_workers, generator=g,
-            pin_memory=self.device.type == "cuda",
-        )
+        return factory.make_loader(self.config, dataset, self.seed, self.device, shuffle, micro_batches, sharded)
 
     # ---- the loop --------------------------------------------------------------------------------
-    def setup(self):
+    def setup(self, training: bool = True):
         """Seed, build the model, optimizer, scheduler and context, call ``method.setup``, then wrap the
-        model for multi-process training and build the step engine."""
+        model for multi-process training and build the step engine. ``training=False`` (``poise eval``):
+        the method's setup may skip training-only work."""
         from poise.train.context import TrainContext
 
         seed_everything(self.seed)
         model = self.build_model()
         if self.init_dir is not None:
-            from poise.train.pretrain import load_encoders
+            from poise.train.checkpoint import load_encoders
 
             load_encoders(model, self.init_dir)
         self.model = model
@@ -336,7 +291,7 @@ class Trainer:
         self.ctx = ctx = TrainContext(
             model=model, optimizer=optimizer, config=self.config, info=self.splits.info, splits=self.splits,
             device=self.device, seed=self.seed, make_loader=self.make_loader, build_model=self.build_model,
-            build_optimizer=self.build_optimizer,
+            build_optimizer=self.build_optimizer, training=training,
         )
         self.method.setup(ctx)
         forward_module = model
@@ -348,7 +303,9 @@ class Trainer:
         self.engine = StepEngine(
             model, optimizer, self.config, self.device, self.method_name, self.method.owns_optimizer_step,
             forward_module=forward_module, where=lambda: (ctx.epoch, ctx.step),
+            multiple_backward=self.method.multiple_backward,
         )
+        self.engine.frozen = ctx.frozen  # the method's phase (set in setup or later) freezes these
         broadcast_tensors(self.engine.extra_params)  # a method's own parameters (heads, loss weights)
         ctx.engine = self.engine
         self.train_loader = self.make_loader(self.splits.train, shuffle=True)
@@ -468,7 +425,7 @@ class Trainer:
         return result
 
     def _binary_tasks(self, model, method, loader) -> dict[str, dict[str, float]]:
-        from poise.eval.metrics import binary_tasks, predict_batches
+        from poise.train.metrics import binary_tasks, predict_batches
         from poise.train.distributed import gather_strided
 
         batches = predict_batches(model, method, loader, self.device)
@@ -578,11 +535,14 @@ class Trainer:
                     with engine.autocast():
                         output = engine.forward_module(batch, feature_scale=plan.feature_scale if plan else None)
                         terms = method.loss(output, batch)
-                        if output.probe_logits:
-                            terms["aux_heads"] = self._probe_loss(output, batch)
-                    engine.note_loss(terms)
+                        # the fusion's auxiliary heads: trained with the method's first backward, never one of its terms
+                        aux = self._probe_loss(output, batch) if output.probe_logits else None
+                    logged = terms if aux is None else {**terms, "aux_heads": aux}
+                    engine.note_loss(logged)
                     calls = engine.backward_calls
+                    engine.carry(aux)
                     method.backward(terms, output, batch)
+                    engine.flush_carried()
                     if engine.ddp and end_of_step and not owns and engine.backward_calls == calls:
                         engine.release_without_backward(output)
                 group.append((batch, output))
@@ -609,7 +569,7 @@ class Trainer:
                                   "lower trainer.lr)")
                 raise NonFiniteError(f"{err}; {diagnosis}") from None
             with torch.no_grad():
-                for k, v in terms.items():
+                for k, v in logged.items():
                     stats.totals[k] = stats.totals.get(k, 0.0) + v.detach().float()
                 correct = (output.logits.detach().argmax(1) == batch.labels).sum()
                 stats.correct = correct if stats.correct is None else stats.correct + correct
@@ -726,7 +686,7 @@ class Trainer:
         mine = {
             "rng": rng_state(),
             "method": to_cpu(method.state_dict()),
-            "records": {k: torch.stack([v.cpu() for v in vs]) for k, vs in method._records.items() if vs},
+            "records": method.records_state(),
             "epoch_stats": None if partial is None else partial.state(),
         }
         ranks = gather_objects(mine)
@@ -744,6 +704,8 @@ class Trainer:
             "optimizer": self.ctx.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "scaler": self.engine.state_dict(),
+            "phase": self.ctx.phase_state(),
+            "snapshots": {k: [t.detach().cpu() for t in v] for k, v in self.ctx.snapshots.items()},
             "method": mine["method"],
             "ranks": ranks,
             "best": self.best,
@@ -775,12 +737,12 @@ class Trainer:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.engine.load_state_dict(state["scaler"])
+        self.ctx.load_phase_state(state.get("phase"))
+        self.ctx.snapshots.update({k: [t.to(self.device) for t in v] for k, v in state.get("snapshots", {}).items()})
         ranks = state["ranks"]
         mine = ranks[rank()] if rank() < len(ranks) else ranks[0]
         self.method.load_state_dict(mine["method"])
-        self.method._records.clear()
-        for k, values in mine["records"].items():
-            self.method._records[k] = list(values.to(self.device).unbind(0))
+        self.method.load_records_state(mine["records"], self.device)
         self.history = json.loads(state["history"])
         self.best = state["best"]
         self.ctx.step = position["micro_batches"]
