@@ -112,12 +112,24 @@ def expand_methods(spec: str, modalities: tuple[str, ...]) -> list[str]:
     if not names:
         raise ConfigError("--methods is empty; give a comma-separated list or 'all'")
     out: list[str] = []
+    source: dict[str, str] = {}  # name -> the --methods entry that brought it in
     for name in names:
-        if name == "all":
-            out += ["joint", *(f"unimodal:{m}" for m in modalities), *balancing_methods()]
-            continue
-        out.append(parse_spec(name, modalities).name)
-    return list(dict.fromkeys(out))
+        entries = ["joint", *(f"unimodal:{m}" for m in modalities), *balancing_methods()] if name == "all" else \
+            [parse_spec(name, modalities).name]
+        for entry in entries:
+            if entry in source:  # the same runs twice would fake the spread over seeds and share run folders
+                how = " (once through 'all')" if "all" in (name, source[entry]) else ""
+                raise ConfigError(f"--methods lists '{entry}' more than once{how}; give each method once")
+            source[entry] = name
+            out.append(entry)
+    folders: dict[str, str] = {}
+    for entry in out:
+        folder = run_folder(Path("."), entry, 0).parent.name
+        if folder in folders:
+            raise ConfigError(f"--methods entries '{folders[folder]}' and '{entry}' would share the run folder "
+                              f"'runs/{folder}'; write one of them differently")
+        folders[folder] = entry
+    return out
 
 
 def method_options(cfg: RunConfig, spec: str) -> dict[str, Any]:

@@ -83,6 +83,10 @@ def _parse_seeds(text: str) -> list[int]:
         raise PoiseError(f"--seeds expects comma-separated integers, got '{text}'") from None
     if not seeds:
         raise PoiseError("--seeds is empty")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:  # a repeated seed is the same run twice: it would shrink the spread and share a run folder
+        raise PoiseError(f"--seeds lists seed {', '.join(map(str, repeated))} more than once ('{text}'); "
+                         "give each seed once")
     return seeds
 
 

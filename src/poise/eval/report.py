@@ -19,9 +19,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _fmt(values: list[float], scale: float = 100.0) -> str:
+    """``mean ± sample std``; a single value has no spread, so it stands alone."""
     m, s = mean_std(values)
     if math.isnan(m):
         return "-"
+    if sum(1 for x in values if x is not None and not math.isnan(x)) < 2:
+        return f"{m * scale:.2f}"
     return f"{m * scale:.2f} ± {s * scale:.2f}"
 
 
@@ -61,7 +64,9 @@ def write_report(results: dict, out: Path) -> Path:
     text = [
         f"# poise bench: {results['dataset']}",
         "",
-        "Test-split metrics of the checkpoint chosen on the validation split; mean ± sample std over seeds, in %.",
+        "Test-split metrics of the checkpoint chosen on the validation split, in %: mean ± sample standard deviation "
+        "over the row's seeds (n - 1 in the denominator; `seeds` is n; a row with one seed has no spread and shows "
+        "its value alone).",
         "`probe m`: frozen linear probe on modality m's encoder features (trained on the train split).",
         "`head m`: accuracy of the model's own unimodal logits for m.",
         "",
