@@ -147,8 +147,7 @@ def splits_for(dataset: str, cfg: RunConfig):
     return _cached_splits(dataset, json.dumps(cfg.dataset, sort_keys=True), json.dumps(cfg.data.model_dump(), sort_keys=True))
 
 
-def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str | None, threads: int | None = None,
-              init_dir: str | None = None, resume: bool = False, name: str | None = None,
+def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str | None, init_dir: str | None = None, resume: bool = False, name: str | None = None,
               pretrain: str | None = None) -> dict:
     """One run; a plain function of plain arguments so that it can run in a worker process. ``cfg_dict``
     is the run's full configuration; ``pretrain`` pre-trains the encoders first (into ``out_dir/pretrain``)
@@ -156,12 +155,8 @@ def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str |
     import tempfile
     import time
 
-    import torch
-
     from poise.train.trainer import Trainer
 
-    if threads:
-        torch.set_num_threads(threads)
     cfg = RunConfig(**cfg_dict)
     splits = splits_for(dataset, cfg)
     pretrain_seconds = 0.0
@@ -204,7 +199,7 @@ def write_run_description(out_dir: Path, dataset: str, method: str, seed: int, c
         atomic_write_text(json.dumps(description, indent=1), out_dir / RUN_FILE)
 
 
-def warm_up(threads: int | None = None) -> None:
+def warm_up() -> None:
     """Import and initialise once per process what every run uses (the optimiser machinery, TensorBoard,
     the probe's solver), so that the first run of a process is not charged for it in ``train_seconds``."""
     import torch
@@ -213,8 +208,6 @@ def warm_up(threads: int | None = None) -> None:
 
     import poise.train.trainer  # noqa: F401
 
-    if threads:
-        torch.set_num_threads(threads)
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     (p ** 2).sum().backward()
@@ -279,10 +272,9 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
     else:
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=warm_up,
-                                 initargs=(1,)) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=warm_up) as pool:
             futures = {
-                pool.submit(train_one, *job_args(spec, seed), 1, **job_options((spec, seed))): (spec, seed)
+                pool.submit(train_one, *job_args(spec, seed), **job_options((spec, seed))): (spec, seed)
                 for spec, seed in todo
             }
             for fut in _as_completed(futures):

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="all", help="comma list (joint,unimodal:audio,ogm_ge) or 'all'")
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=1, help="parallel runs (each single-threaded when > 1)")
+    p.add_argument("--workers", type=int, default=1, help="parallel runs (each with trainer.threads CPU threads, default 1)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted bench in --out: keep its finished runs, continue the others from "
                         "their checkpoints")

@@ -30,6 +30,10 @@ class TrainerConfig(_Strict):
     gamma: float = Field(0.1, gt=0, description="decay factor (step scheduler)")
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm; none: no clipping")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    threads: int = Field(
+        1, ge=0, description="CPU threads of torch's operators in a run; the numbers depend on it (1: the same on every "
+                             "machine; 0: leave the process's setting, torch's default uses every core)"
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     progress: bool = Field(True, description="progress bar over epochs (only on a terminal)")
     probe: bool = Field(True, description="fit a frozen linear probe per modality on the best checkpoint")

@@ -97,6 +97,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads for torch's operators (0: leave them). A sum split over more threads adds in
+    another order, so the thread count is part of what makes a run's numbers; the inter-op threads follow
+    where torch still allows it (before the process's first parallel work)."""
+    if threads <= 0:
+        return
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != threads:
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:
+            pass
+
+
 def atomic_write_text(text: str, path: Path) -> None:
     import os
 
@@ -203,6 +217,7 @@ class Trainer:
         if resume and self.out_dir is None:
             raise ConfigError("resuming needs the run folder that holds checkpoint.pt (out_dir)")
         t = config.trainer
+        set_threads(t.threads)
         self.device = resolve_device(t.device)
         if launched_by_torchrun():
             self.device = init_distributed(self.device, t.dist_backend)
@@ -634,4 +649,4 @@ class Trainer:
 
 
 __all__ = ["EpochStats", "NonFiniteError", "RunResult", "Trainer", "atomic_save", "atomic_write_text", "concat_batches",
-           "concat_outputs", "resolve_device", "seed_everything"]
+           "concat_outputs", "resolve_device", "seed_everything", "set_threads"]
