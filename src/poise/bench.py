@@ -105,6 +105,14 @@ def parse_spec(name: str, modalities: tuple[str, ...]) -> RunSpec:
     return RunSpec(name, method, parse_set(settings), pretrain)
 
 
+def check_method_names(spec: str) -> None:
+    """Refuse an unknown method name in ``spec`` before any data is loaded: a typo is told at once."""
+    for name in split_methods(spec):
+        base = re.match(r"[^\[\]:]*", name).group(0).strip()
+        if name != "all" and base:
+            METHODS[base]  # raises with the closest name
+
+
 def expand_methods(spec: str, modalities: tuple[str, ...]) -> list[str]:
     """``all`` -> joint, every unimodal:<m>, every balancing method; otherwise a comma list of methods
     and variants (``joint[model.fusion=mfb]``), validated."""
@@ -204,6 +212,7 @@ def warm_up() -> None:
     the probe's solver), so that the first run of a process is not charged for it in ``train_seconds``."""
     import torch
     from sklearn.linear_model import LogisticRegression  # noqa: F401
+    from torchmetrics.functional.classification import multiclass_accuracy  # noqa: F401
     from torch.utils.tensorboard import SummaryWriter  # noqa: F401
 
     import poise.train.trainer  # noqa: F401

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from poise.errors import ConfigError, PoiseError
@@ -143,7 +144,7 @@ def _stored_run(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from poise.bench import expand_methods, method_options, splits_for, train_one
+    from poise.bench import check_method_names, expand_methods, method_options, splits_for, train_one
     from poise.config import RunConfig
     from poise.methods.registry import make_method
     from poise.train.distributed import is_main_process, shutdown
@@ -162,6 +163,7 @@ def cmd_train(args) -> int:
         dataset, method, seed, init = args.dataset, args.method, 0 if args.seed is None else args.seed, args.init
         cfg = _config(args)
         out = Path(args.out)
+    check_method_names(method)
     splits = splits_for(dataset, cfg)
     expand_methods(method, tuple(splits.info.modalities))
     if "[" in method or "," in method:
@@ -225,11 +227,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from poise.bench import expand_methods, run_bench, splits_for
+    from poise.bench import check_method_names, expand_methods, run_bench, splits_for
     from poise.eval.report import summary_table, write_report
 
     cfg = _config(args)
     seeds = _parse_seeds(args.seeds)
+    check_method_names(args.methods)
     methods = expand_methods(args.methods, tuple(splits_for(args.dataset, cfg).info.modalities))
     if args.workers < 1:
         raise PoiseError(f"--workers must be at least 1, got {args.workers}")
@@ -297,16 +300,38 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from poise.config import config_keys, flatten, option_rows
     from poise.data.registry import DATASETS
     from poise.methods.registry import METHODS
     from poise.models.encoders import ENCODERS
     from poise.models.fusion import FUSIONS
 
-    from poise.config import config_keys
+    def options(model, indent="    "):
+        rows = option_rows(model)
+        for key, default, description in rows:
+            print(f"{indent}{key} = {default!r}" + (f"  {description}" if description else ""))
+        return rows
 
     for title, reg in (("datasets", DATASETS), ("methods", METHODS), ("fusions", FUSIONS), ("encoders", ENCODERS)):
         print(f"{title}: {', '.join(reg)}")
-    print("config keys (--set KEY=VALUE):")
+    print("\ndataset options (--set dataset.OPTION=VALUE), with the defaults of each dataset:")
+    for name, kind in DATASETS.items():
+        print(f"  {name}{':PATH' if kind.needs_arg else ''}")
+        if not options(kind.Options):
+            print("    (no options)")
+        tuned = {key: value for key, value in flatten(kind.defaults).items() if not key.startswith("dataset.")}
+        if tuned:  # the dataset's own layer of the configuration, under the user's
+            print(textwrap.fill(", ".join(f"{key} = {value!r}" for key, value in tuned.items()), width=110,
+                                initial_indent="    its defaults: ", subsequent_indent=" " * 6))
+    print("\nmethod options (--set method.NAME.OPTION=VALUE), with their defaults:")
+    for name, cls in METHODS.items():
+        if name == "unimodal":
+            print("  unimodal:<modality>  (the modality is given in the name)")
+            continue
+        print(f"  {name}")
+        if not options(cls.Params):
+            print("    (no options)")
+    print("\nconfig keys (--set KEY=VALUE):")
     for key, default, description in config_keys():
         shown = key if "<" in key else f"{key} = {default!r}"
         print(f"  {shown}  {description}")

@@ -182,6 +182,23 @@ def config_keys() -> list[tuple[str, Any, str]]:
     return rows
 
 
+def option_rows(model: type[BaseModel]) -> list[tuple[str, Any, str]]:
+    """(option, default, description) of a dataset's or method's options, as a user writes them
+    (the alias where there is one; a required option's default is the text 'required')."""
+    rows = []
+    for name, f in model.model_fields.items():
+        if f.is_required():
+            default: Any = "required"
+        else:
+            default = f.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump()
+            elif isinstance(default, dict):
+                default = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in default.items()}
+        rows.append((f.alias or name, default, f.description or ""))
+    return rows
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():

@@ -11,10 +11,8 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+
+# scikit-learn is imported in linear_probe: a command that trains nothing should not pay for it
 
 
 @torch.no_grad()
@@ -34,6 +32,11 @@ def extract_features(model, loader, device) -> tuple[dict[str, np.ndarray], np.n
 
 
 def linear_probe(model, train_loader, test_loader, device, max_iter: int = 300, C: float = 1.0) -> dict[str, float]:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     train_x, train_y, train_p = extract_features(model, train_loader, device)
     test_x, test_y, test_p = extract_features(model, test_loader, device)
     out = {}
