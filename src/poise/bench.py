@@ -18,10 +18,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -272,24 +277,39 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
     out.mkdir(parents=True, exist_ok=True)
     todo = [job for job in jobs if job not in results]
 
-    if workers <= 1:
-        warm_up()
-        for spec, seed in todo:
-            results[(spec, seed)] = train_one(*job_args(spec, seed), **job_options((spec, seed)))
-            log(_line(results[(spec, seed)]))
-            save()
-    else:
-        import multiprocessing as mp
+    try:
+        with _termination_as_interrupt():
+            if workers <= 1:
+                warm_up()
+                for spec, seed in todo:
+                    results[(spec, seed)] = train_one(*job_args(spec, seed), **job_options((spec, seed)))
+                    log(_line(results[(spec, seed)]))
+                    save()
+            else:
+                import multiprocessing as mp
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=warm_up) as pool:
-            futures = {
-                pool.submit(train_one, *job_args(spec, seed), **job_options((spec, seed))): (spec, seed)
-                for spec, seed in todo
-            }
-            for fut in _as_completed(futures):
-                results[futures[fut]] = fut.result()
-                log(_line(results[futures[fut]]))
-                save()
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                           initializer=_worker_init)
+                futures: dict = {}
+                try:
+                    futures = {
+                        pool.submit(_worker_run, *job_args(spec, seed), **job_options((spec, seed))): (spec, seed)
+                        for spec, seed in todo
+                    }
+                    for fut in _as_completed(futures):
+                        results[futures[fut]] = fut.result()
+                        log(_line(results[futures[fut]]))
+                        save()
+                except BaseException:
+                    with _signals_ignored():
+                        _stop_pool(pool, futures)
+                    raise
+                pool.shutdown()
+    except KeyboardInterrupt as err:
+        with _signals_ignored():
+            save()
+        raise BenchInterrupted(sum(j in results for j in jobs), len(jobs), out / "results.json",
+                               getattr(err, "signum", signal.SIGINT)) from None
     save()
     if not is_main_process():
         return json.loads(json.dumps({"dataset": dataset, "runs": [results[j] for j in jobs]}))
@@ -331,6 +351,100 @@ def _resumable(out: Path, dataset: str, jobs: list[tuple[str, int]], configs: di
                                   f"'{differs}'); give the same --config and --set, or another --out")
             checkpoints.add(job)
     return finished, checkpoints
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a bench: queued runs cancelled, running ones stopped, finished ones saved."""
+
+    def __init__(self, finished: int, total: int, results_path: Path, signum: int = signal.SIGINT):
+        super().__init__(f"{finished} of {total} runs finished")
+        self.finished, self.total, self.results_path, self.signum = finished, total, results_path, signum
+
+
+@contextmanager
+def _termination_as_interrupt():
+    """SIGTERM stops the bench as Ctrl-C does (in the main thread; elsewhere signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        err = KeyboardInterrupt()
+        err.signum = signum
+        raise err
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+#: set in a worker process when the bench stops it: the run in progress ends, and any run it is given after
+_stopping = False
+
+
+def _stop_worker(signum, frame) -> None:
+    global _stopping
+    _stopping = True
+    raise KeyboardInterrupt
+
+
+def _worker_init() -> None:
+    # Ctrl-C reaches every process of the terminal's group: the parent alone decides, and stops the workers
+    # with SIGTERM, which ends the run in progress (its last checkpoint.pt stays for --resume)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_worker)
+    # The last exit handler: multiprocessing has flushed and finalised by then, and the interpreter's own
+    # teardown (collecting torch's objects) takes seconds that a stopping bench would wait for.
+    atexit.register(os._exit, 0)
+    try:
+        warm_up()
+    except KeyboardInterrupt:
+        pass  # stopped while starting: every run it is given ends at once
+
+
+def _worker_run(*args, **kwargs) -> dict:
+    if _stopping:  # a run queued to this worker before the bench stopped
+        raise KeyboardInterrupt
+    return train_one(*args, **kwargs)
+
+
+@contextmanager
+def _signals_ignored():
+    """Ctrl-C and SIGTERM ignored (in the main thread): a second Ctrl-C must not break off the clean-up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _stop_pool(pool: ProcessPoolExecutor, futures, grace: float = 3.0) -> None:
+    """Cancel the queued runs and end the running ones now: SIGTERM makes each worker stop its run (its last
+    checkpoint.pt stays for --resume) and exit; a worker still there ``grace`` seconds after its run stopped
+    is killed."""
+    from concurrent.futures import wait
+
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for future in futures:  # queued: cancelled here, as wait() is not woken by the pool's own cancelling
+        future.cancel()
+    wait([f for f in futures if not f.done()], timeout=grace)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+    pool.shutdown(wait=True)
 
 
 def _as_completed(futures):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import textwrap
 from pathlib import Path
@@ -227,7 +228,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from poise.bench import check_method_names, expand_methods, run_bench, splits_for
+    from poise.bench import BenchInterrupted, check_method_names, expand_methods, run_bench, splits_for
     from poise.eval.report import summary_table, write_report
 
     cfg = _config(args)
@@ -239,6 +240,17 @@ def cmd_bench(args) -> int:
     out = Path(args.out)
     from poise.train.distributed import is_main_process, shutdown
 
+    import signal
+
+    stopped: list[int] = []
+
+    def on_interrupt(signum, frame):  # the first Ctrl-C or SIGTERM stops the bench, the next ones are ignored
+        if not stopped:
+            stopped.append(signum)
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    signal.signal(signal.SIGTERM, on_interrupt)
     main_process = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone prints and writes
     if main_process:
         print(f"bench on {args.dataset}: {len(methods)} methods x {len(seeds)} seeds -> {out}", flush=True)
@@ -247,6 +259,14 @@ def cmd_bench(args) -> int:
                             log=lambda line: print(line, flush=True) if main_process else None, resume=args.resume)
         if not is_main_process():
             return 0
+    except BenchInterrupted as stop:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # also through the interpreter's exit, which restores defaults
+            signal.signal(sig, signal.SIG_IGN)
+        argv = list(args.argv)
+        again = shlex.join(["poise", *argv, *([] if "--resume" in argv else ["--resume"])])
+        print(f"poise: interrupted: {stop.finished} of {stop.total} runs finished and are kept in {stop.results_path}; "
+              f"the others are stopped; continue with: {again}", file=sys.stderr, flush=True)
+        return 128 + (stopped[0] if stopped else stop.signum)
     finally:
         shutdown()
     write_report(results, out)
@@ -344,6 +364,7 @@ COMMANDS = {"train": cmd_train, "bench": cmd_bench, "report": cmd_report, "pretr
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # to tell how to resume
     try:
         return COMMANDS[args.command](args)
     except PoiseError as e:
