@@ -3,6 +3,8 @@
 ``results.json`` schema (stable):
 
     {"dataset": str,
+     "command": str,                     # the poise bench command line (when run from the CLI)
+     "environment": {"poise", "torch", "python", "platform"},   # versions
      "runs": [{"method": str,            # registered name, "unimodal:<modality>" for the baseline
                "seed": int,
                "config": {...},          # the full validated run configuration
@@ -228,10 +230,23 @@ def warm_up() -> None:
     opt.step()
 
 
+def environment() -> dict[str, str]:
+    """The versions a bench runs with (results.json, for its report)."""
+    import platform
+
+    import torch
+
+    from poise import __version__
+
+    return {"poise": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
 def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig, out: Path, workers: int = 1,
-              log=print, resume: bool = False) -> dict:
+              log=print, resume: bool = False, command: str | None = None) -> dict:
     """Every method x seed; ``resume=True`` continues an interrupted bench in ``out``: the finished runs of
-    ``out/results.json`` are kept, runs with a ``checkpoint.pt`` continue from it, the rest start anew."""
+    ``out/results.json`` are kept, runs with a ``checkpoint.pt`` continue from it, the rest start anew.
+    ``command`` (the command line) and the versions of poise, torch and Python go into results.json."""
     from poise.train.distributed import is_main_process, launched_by_torchrun
 
     if workers > 1 and launched_by_torchrun():
@@ -251,6 +266,7 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
     jobs = [(spec, seed) for spec in methods for seed in seeds]
     results: dict[tuple[str, int], dict] = {}
     resumable: set[tuple[str, int]] = set()
+    env = environment()
 
     def save():
         if not is_main_process():  # under torchrun only rank 0 writes
@@ -258,7 +274,8 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
         runs = [results[j] for j in jobs if j in results]
         from poise.train.trainer import atomic_write_text
 
-        atomic_write_text(json.dumps({"dataset": dataset, "runs": runs}, indent=1), out / "results.json")
+        meta = {"command": command, "environment": env} if command else {"environment": env}
+        atomic_write_text(json.dumps({"dataset": dataset, **meta, "runs": runs}, indent=1), out / "results.json")
 
     def run_dir(spec: str, seed: int) -> str:
         return str(run_folder(out, spec, seed))

@@ -256,7 +256,8 @@ def cmd_bench(args) -> int:
         print(f"bench on {args.dataset}: {len(methods)} methods x {len(seeds)} seeds -> {out}", flush=True)
     try:
         results = run_bench(args.dataset, methods, seeds, cfg, out, workers=args.workers,
-                            log=lambda line: print(line, flush=True) if main_process else None, resume=args.resume)
+                            log=lambda line: print(line, flush=True) if main_process else None, resume=args.resume,
+                            command=shlex.join(["poise", *args.argv]))
         if not is_main_process():
             return 0
     except BenchInterrupted as stop:
