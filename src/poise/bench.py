@@ -309,10 +309,11 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
                                            initializer=_worker_init)
                 futures: dict = {}
                 try:
-                    futures = {
-                        pool.submit(_worker_run, *job_args(spec, seed), **job_options((spec, seed))): (spec, seed)
-                        for spec, seed in todo
-                    }
+                    with _signals_ignored():  # the workers start now and inherit it: Ctrl-C is the parent's alone
+                        futures = {
+                            pool.submit(_worker_run, *job_args(spec, seed), **job_options((spec, seed))): (spec, seed)
+                            for spec, seed in todo
+                        }
                     for fut in _as_completed(futures):
                         results[futures[fut]] = fut.result()
                         log(_line(results[futures[fut]]))
@@ -408,8 +409,9 @@ def _stop_worker(signum, frame) -> None:
 
 
 def _worker_init() -> None:
-    # Ctrl-C reaches every process of the terminal's group: the parent alone decides, and stops the workers
-    # with SIGTERM, which ends the run in progress (its last checkpoint.pt stays for --resume)
+    # Ctrl-C reaches every process of the terminal's group: the parent alone decides (the worker started with
+    # it ignored), and stops the workers with SIGTERM, which ends the run in progress (its last checkpoint.pt
+    # stays for --resume)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_worker)
     # The last exit handler: multiprocessing has flushed and finalised by then, and the interpreter's own

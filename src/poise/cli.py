@@ -241,6 +241,7 @@ def cmd_bench(args) -> int:
     from poise.train.distributed import is_main_process, shutdown
 
     import signal
+    import threading
 
     stopped: list[int] = []
 
@@ -249,8 +250,8 @@ def cmd_bench(args) -> int:
             stopped.append(signum)
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_interrupt)
-    signal.signal(signal.SIGTERM, on_interrupt)
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, on_interrupt) for sig in handled}
     main_process = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone prints and writes
     if main_process:
         print(f"bench on {args.dataset}: {len(methods)} methods x {len(seeds)} seeds -> {out}", flush=True)
@@ -261,8 +262,8 @@ def cmd_bench(args) -> int:
         if not is_main_process():
             return 0
     except BenchInterrupted as stop:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # also through the interpreter's exit, which restores defaults
-            signal.signal(sig, signal.SIG_IGN)
+        if args.standalone:  # the process ends: ignored also through the interpreter's exit, which restores defaults
+            previous = {sig: signal.SIG_IGN for sig in handled}
         argv = list(args.argv)
         again = shlex.join(["poise", *argv, *([] if "--resume" in argv else ["--resume"])])
         print(f"poise: interrupted: {stop.finished} of {stop.total} runs finished and are kept in {stop.results_path}; "
@@ -270,6 +271,8 @@ def cmd_bench(args) -> int:
         return 128 + (stopped[0] if stopped else stop.signum)
     finally:
         shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     write_report(results, out)
     print()
     print(summary_table(results))
@@ -366,6 +369,7 @@ COMMANDS = {"train": cmd_train, "bench": cmd_bench, "report": cmd_report, "pretr
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # to tell how to resume
+    args.standalone = argv is None  # the command line's own process, not a call from Python
     try:
         return COMMANDS[args.command](args)
     except PoiseError as e:

@@ -36,18 +36,22 @@ def linear_probe(model, train_loader, test_loader, device, max_iter: int = 300, 
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     train_x, train_y, train_p = extract_features(model, train_loader, device)
     test_x, test_y, test_p = extract_features(model, test_loader, device)
     out = {}
-    for j, m in enumerate(model.modalities):
-        rows, test_rows = train_p[:, j], test_p[:, j]
-        if len(np.unique(train_y[rows])) < 2 or not test_rows.any():
-            out[m] = float("nan")
-            continue
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, C=C))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(train_x[m][rows], train_y[rows])
-        out[m] = float(clf.score(test_x[m][test_rows], test_y[test_rows]))
+    # the solver's BLAS threads follow the run's (trainer.threads): a sum split over more threads rounds
+    # differently, and a few hundred L-BFGS iterations carry that into the probe's accuracy
+    with threadpool_limits(limits=torch.get_num_threads()):
+        for j, m in enumerate(model.modalities):
+            rows, test_rows = train_p[:, j], test_p[:, j]
+            if len(np.unique(train_y[rows])) < 2 or not test_rows.any():
+                out[m] = float("nan")
+                continue
+            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, C=C))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.fit(train_x[m][rows], train_y[rows])
+            out[m] = float(clf.score(test_x[m][test_rows], test_y[test_rows]))
     return out

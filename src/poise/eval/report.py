@@ -178,6 +178,9 @@ QUANTITIES = {
     "owm/head_grad_ratio": "projected / raw head gradient norm (unitless)",
     "fusion_weight": "test-time fusion weight (unitless)",
 }
+#: quantities that mean the same in every method that records them, so their panels share a y-range
+#: (a ``weight`` is G-Blend's blending weight in one method and a learned loss weight in another)
+COMPARABLE = ("coef", "ratio", "fusion_weight", "drop_rate")
 #: at most this many quantities per method in method_records.png (the rest is named in the report)
 MAX_QUANTITIES = 4
 
@@ -339,7 +342,8 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
             ax.grid(alpha=0.3)
         by_quantity: dict[str, list] = {}
         for ax, (_, quantity, _) in zip(axes, panels):
-            by_quantity.setdefault(quantity, []).append(ax)
+            if quantity in COMPARABLE:
+                by_quantity.setdefault(quantity, []).append(ax)
         for same in by_quantity.values():  # one quantity in several methods: one y-range to compare them on
             low = min(ax.get_ylim()[0] for ax in same)
             high = max(ax.get_ylim()[1] for ax in same)
@@ -349,6 +353,6 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
         fig.tight_layout()
         save(fig, "method_records.png")
         notes.append(f"method_records.png: {band_note} Bars (values decided once): mean over seeds, error bars "
-                     "± one sample standard deviation. Panels of the same quantity share their y-range.")
+                     "± one sample standard deviation. Panels of the same quantity (gradient coefficients, confidence ratios, ...) share their y-range.")
     notes.insert(0, f"unimodal_accuracy.png: {band_note} Every panel has the same y-range.")
     return written, notes
