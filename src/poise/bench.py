@@ -3,6 +3,8 @@
 ``results.json`` schema (stable):
 
     {"dataset": str,
+     "command": str,                     # the poise bench command line (when run from the CLI)
+     "environment": {"poise", "torch", "python", "platform"},   # versions
      "runs": [{"method": str,            # registered name, "unimodal:<modality>" for the baseline
                "seed": int,
                "config": {...},          # the full validated run configuration
@@ -23,10 +25,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +118,17 @@ def parse_spec(name: str, modalities: tuple[str, ...]) -> RunSpec:
     return RunSpec(name, method, parse_set(settings), pretrain)
 
 
+def check_method_names(spec: str) -> None:
+    """Refuse an unknown method name in ``spec`` before any data is loaded: a typo is told at once."""
+    for name in split_methods(spec):
+        if name == "all":
+            continue
+        for part in re.match(r"[^\[\]]*", name).group(0).split("+"):  # a combination: every part must exist
+            base = part.partition(":")[0].strip()
+            if base:
+                METHODS[base]  # raises with the closest name
+
+
 def expand_methods(spec: str, modalities: tuple[str, ...]) -> list[str]:
     """``all`` -> joint, every unimodal:<m>, every balancing method; otherwise a comma list of methods
     and variants (``joint[model.fusion=mfb]``), validated."""
@@ -118,12 +136,24 @@ def expand_methods(spec: str, modalities: tuple[str, ...]) -> list[str]:
     if not names:
         raise ConfigError("--methods is empty; give a comma-separated list or 'all'")
     out: list[str] = []
+    source: dict[str, str] = {}  # name -> the --methods entry that brought it in
     for name in names:
-        if name == "all":
-            out += ["joint", *(f"unimodal:{m}" for m in modalities), *balancing_methods()]
-            continue
-        out.append(parse_spec(name, modalities).name)
-    return list(dict.fromkeys(out))
+        entries = ["joint", *(f"unimodal:{m}" for m in modalities), *balancing_methods()] if name == "all" else \
+            [parse_spec(name, modalities).name]
+        for entry in entries:
+            if entry in source:  # the same runs twice would fake the spread over seeds and share run folders
+                how = " (once through 'all')" if "all" in (name, source[entry]) else ""
+                raise ConfigError(f"--methods lists '{entry}' more than once{how}; give each method once")
+            source[entry] = name
+            out.append(entry)
+    folders: dict[str, str] = {}
+    for entry in out:
+        folder = run_folder(Path("."), entry, 0).parent.name
+        if folder in folders:
+            raise ConfigError(f"--methods entries '{folders[folder]}' and '{entry}' would share the run folder "
+                              f"'runs/{folder}'; write one of them differently")
+        folders[folder] = entry
+    return out
 
 
 #: what a bench leaves in its folder (what --overwrite clears)
@@ -136,28 +166,40 @@ def run_folder(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") / f"seed{seed}"
 
 
-def warm_up(threads: int | None = None) -> None:
+def warm_up() -> None:
     """Import and initialise once per process what every run uses (the optimiser machinery, TensorBoard,
     the probe's solver), so that the first run of a process is not charged for it in ``train_seconds``."""
     import torch
     from sklearn.linear_model import LogisticRegression  # noqa: F401
+    from torchmetrics.functional.classification import multiclass_accuracy  # noqa: F401
     from torch.utils.tensorboard import SummaryWriter  # noqa: F401
 
     import poise.train.trainer  # noqa: F401
 
-    if threads:
-        torch.set_num_threads(threads)
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     (p ** 2).sum().backward()
     opt.step()
 
 
+def environment() -> dict[str, str]:
+    """The versions a bench runs with (results.json, for its report)."""
+    import platform
+
+    import torch
+
+    from poise import __version__
+
+    return {"poise": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
 def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig, out: Path, workers: int = 1,
-              log=print, resume: bool = False, overwrite: bool = False) -> dict:
+              log=print, resume: bool = False, overwrite: bool = False, command: str | None = None) -> dict:
     """Every method x seed; ``resume=True`` continues an interrupted bench in ``out``: the finished runs of
     ``out/results.json`` are kept, runs with a ``checkpoint.pt`` continue from it, the rest start anew.
-    ``overwrite=True`` deletes an earlier bench's outputs in ``out`` once every method is validated."""
+    ``overwrite=True`` deletes an earlier bench's outputs in ``out`` once every method is validated.
+    ``command`` (the command line) and the versions of poise, torch and Python go into results.json."""
     from poise.train.distributed import is_main_process, launched_by_torchrun
 
     if workers > 1 and launched_by_torchrun():
@@ -177,14 +219,16 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
     jobs = [(spec, seed) for spec in methods for seed in seeds]
     results: dict[tuple[str, int], dict] = {}
     resumable: set[tuple[str, int]] = set()
+    env = environment()
 
     def save():
         if not is_main_process():  # under torchrun only rank 0 writes
             return
         runs = [results[j] for j in jobs if j in results]
-        from poise.train.trainer import atomic_write_text
+        from poise.io import atomic_write_text
 
-        atomic_write_text(json.dumps({"dataset": dataset, "runs": runs}, indent=1), out / "results.json")
+        meta = {"command": command, "environment": env} if command else {"environment": env}
+        atomic_write_text(json.dumps({"dataset": dataset, **meta, "runs": runs}, indent=1), out / "results.json")
 
     def run_dir(spec: str, seed: int) -> str:
         return str(run_folder(out, spec, seed))
@@ -207,25 +251,40 @@ def run_bench(dataset: str, methods: list[str], seeds: list[int], cfg: RunConfig
     out.mkdir(parents=True, exist_ok=True)
     todo = [job for job in jobs if job not in results]
 
-    if workers <= 1:
-        warm_up()
-        for spec, seed in todo:
-            results[(spec, seed)] = train_one(*job_args(spec, seed), **job_options((spec, seed)))
-            log(_line(results[(spec, seed)]))
-            save()
-    else:
-        import multiprocessing as mp
+    try:
+        with _termination_as_interrupt():
+            if workers <= 1:
+                warm_up()
+                for spec, seed in todo:
+                    results[(spec, seed)] = train_one(*job_args(spec, seed), **job_options((spec, seed)))
+                    log(_line(results[(spec, seed)]))
+                    save()
+            else:
+                import multiprocessing as mp
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=warm_up,
-                                 initargs=(1,)) as pool:
-            futures = {
-                pool.submit(train_one, *job_args(spec, seed), 1, **job_options((spec, seed))): (spec, seed)
-                for spec, seed in todo
-            }
-            for fut in _as_completed(futures):
-                results[futures[fut]] = fut.result()
-                log(_line(results[futures[fut]]))
-                save()
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                           initializer=_worker_init)
+                futures: dict = {}
+                try:
+                    with _signals_ignored():  # the workers start now and inherit it: Ctrl-C is the parent's alone
+                        futures = {
+                            pool.submit(_worker_run, *job_args(spec, seed), **job_options((spec, seed))): (spec, seed)
+                            for spec, seed in todo
+                        }
+                    for fut in _as_completed(futures):
+                        results[futures[fut]] = fut.result()
+                        log(_line(results[futures[fut]]))
+                        save()
+                except BaseException:
+                    with _signals_ignored():
+                        _stop_pool(pool, futures)
+                    raise
+                pool.shutdown()
+    except KeyboardInterrupt as err:
+        with _signals_ignored():
+            save()
+        raise BenchInterrupted(sum(j in results for j in jobs), len(jobs), out / "results.json",
+                               getattr(err, "signum", signal.SIGINT)) from None
     save()
     if not is_main_process():
         return json.loads(json.dumps({"dataset": dataset, "runs": [results[j] for j in jobs]}))
@@ -267,6 +326,101 @@ def _resumable(out: Path, dataset: str, jobs: list[tuple[str, int]], configs: di
                                   f"'{differs}'); give the same --config and --set, or another --out")
             checkpoints.add(job)
     return finished, checkpoints
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a bench: queued runs cancelled, running ones stopped, finished ones saved."""
+
+    def __init__(self, finished: int, total: int, results_path: Path, signum: int = signal.SIGINT):
+        super().__init__(f"{finished} of {total} runs finished")
+        self.finished, self.total, self.results_path, self.signum = finished, total, results_path, signum
+
+
+@contextmanager
+def _termination_as_interrupt():
+    """SIGTERM stops the bench as Ctrl-C does (in the main thread; elsewhere signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        err = KeyboardInterrupt()
+        err.signum = signum
+        raise err
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+#: set in a worker process when the bench stops it: the run in progress ends, and any run it is given after
+_stopping = False
+
+
+def _stop_worker(signum, frame) -> None:
+    global _stopping
+    _stopping = True
+    raise KeyboardInterrupt
+
+
+def _worker_init() -> None:
+    # Ctrl-C reaches every process of the terminal's group: the parent alone decides (the worker started with
+    # it ignored), and stops the workers with SIGTERM, which ends the run in progress (its last checkpoint.pt
+    # stays for --resume)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_worker)
+    # The last exit handler: multiprocessing has flushed and finalised by then, and the interpreter's own
+    # teardown (collecting torch's objects) takes seconds that a stopping bench would wait for.
+    atexit.register(os._exit, 0)
+    try:
+        warm_up()
+    except KeyboardInterrupt:
+        pass  # stopped while starting: every run it is given ends at once
+
+
+def _worker_run(*args, **kwargs) -> dict:
+    if _stopping:  # a run queued to this worker before the bench stopped
+        raise KeyboardInterrupt
+    return train_one(*args, **kwargs)
+
+
+@contextmanager
+def _signals_ignored():
+    """Ctrl-C and SIGTERM ignored (in the main thread): a second Ctrl-C must not break off the clean-up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _stop_pool(pool: ProcessPoolExecutor, futures, grace: float = 3.0) -> None:
+    """Cancel the queued runs and end the running ones now: SIGTERM makes each worker stop its run (its last
+    checkpoint.pt stays for --resume) and exit; a worker still there ``grace`` seconds after its run stopped
+    is killed."""
+    from concurrent.futures import wait
+
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for future in futures:  # queued: cancelled here, as wait() is not woken by the pool's own cancelling
+        future.cancel()
+    wait([f for f in futures if not f.done()], timeout=grace)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+    pool.shutdown(wait=True)
 
 
 def _as_completed(futures):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 from poise.errors import ConfigError, PoiseError
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="all", help="comma list (joint,unimodal:audio,ogm_ge) or 'all'")
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=1, help="parallel runs (each single-threaded when > 1)")
+    p.add_argument("--workers", type=int, default=1, help="parallel runs (each with trainer.threads CPU threads, default 1)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted bench in --out: keep its finished runs, continue the others from "
                         "their checkpoints")
@@ -90,6 +92,10 @@ def _parse_seeds(text: str) -> list[int]:
         raise PoiseError("--seeds is empty")
     for seed in seeds:
         _check_seed(seed, "--seeds")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:  # a repeated seed is the same run twice: it would shrink the spread and share a run folder
+        raise PoiseError(f"--seeds lists seed {', '.join(map(str, repeated))} more than once ('{text}'); "
+                         "give each seed once")
     return seeds
 
 
@@ -168,7 +174,7 @@ def _stored_run(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from poise.bench import expand_methods, method_options, resolve_method, splits_for, train_one
+    from poise.bench import check_method_names, expand_methods, method_options, resolve_method, splits_for, train_one
     from poise.config import RunConfig
     from poise.methods.registry import make_method
     from poise.train.distributed import is_main_process, shutdown
@@ -198,6 +204,7 @@ def cmd_train(args) -> int:
         from poise.train.run_files import check_out_dir
 
         check_out_dir(out)
+    check_method_names(method)
     splits = splits_for(dataset, cfg, statistics)
     expand_methods(method, tuple(splits.info.modalities))
     if "[" in method or "," in method:
@@ -238,7 +245,7 @@ def cmd_eval(args) -> int:
     from poise.bench import RUN_FILE
     from poise.config import parse_set
     from poise.eval.robustness import bench_run_dirs, evaluate_run, robustness_table, summary_table
-    from poise.train.trainer import atomic_write_text
+    from poise.io import atomic_write_text
 
     try:
         rates = [float(r) for r in args.missing_rates.split(",") if r.strip()]
@@ -272,11 +279,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from poise.bench import BENCH_OUTPUTS, expand_methods, run_bench, splits_for
+    from poise.bench import BENCH_OUTPUTS, BenchInterrupted, check_method_names, expand_methods, run_bench, splits_for
     from poise.eval.report import TEST_SELECTED_NOTE, has_test_selected, summary_table, write_report
 
     cfg = _config(args)
     seeds = _parse_seeds(args.seeds)
+    check_method_names(args.methods)
     methods = expand_methods(args.methods, tuple(splits_for(args.dataset, cfg).info.modalities))
     if args.workers < 1:
         raise PoiseError(f"--workers must be at least 1, got {args.workers}")
@@ -286,17 +294,39 @@ def cmd_bench(args) -> int:
         _prepare_out(out, args.overwrite, args.resume, "a bench", BENCH_OUTPUTS, clear=False)
     from poise.train.distributed import is_main_process, shutdown
 
+    import signal
+    import threading
+
+    stopped: list[int] = []
+
+    def on_interrupt(signum, frame):  # the first Ctrl-C or SIGTERM stops the bench, the next ones are ignored
+        if not stopped:
+            stopped.append(signum)
+            raise KeyboardInterrupt
+
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, on_interrupt) for sig in handled}
     main_process = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone prints and writes
     if main_process:
         print(f"bench on {args.dataset}: {len(methods)} methods x {len(seeds)} seeds -> {out}", flush=True)
     try:
         results = run_bench(args.dataset, methods, seeds, cfg, out, workers=args.workers,
                             log=lambda line: print(line, flush=True) if main_process else None, resume=args.resume,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, command=shlex.join(["poise", *args.argv]))
         if not is_main_process():
             return 0
+    except BenchInterrupted as stop:
+        if args.standalone:  # the process ends: ignored also through the interpreter's exit, which restores defaults
+            previous = {sig: signal.SIG_IGN for sig in handled}
+        argv = [a for a in args.argv if a != "--overwrite"]  # the resumed bench must keep the finished runs
+        again = shlex.join(["poise", *argv, *([] if "--resume" in argv else ["--resume"])])
+        print(f"poise: interrupted: {stop.finished} of {stop.total} runs finished and are kept in {stop.results_path}; "
+              f"the others are stopped; continue with: {again}", file=sys.stderr, flush=True)
+        return 128 + (stopped[0] if stopped else stop.signum)
     finally:
         shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     write_report(results, out)
     print()
     print(summary_table(results))
@@ -360,16 +390,38 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from poise.config import config_keys, flatten, option_rows
     from poise.data.registry import DATASETS
     from poise.methods.registry import METHODS
     from poise.models.encoders import ENCODERS
     from poise.models.fusion import FUSIONS
 
-    from poise.config import config_keys
+    def options(model, indent="    "):
+        rows = option_rows(model)
+        for key, default, description in rows:
+            print(f"{indent}{key} = {default!r}" + (f"  {description}" if description else ""))
+        return rows
 
     for title, reg in (("datasets", DATASETS), ("methods", METHODS), ("fusions", FUSIONS), ("encoders", ENCODERS)):
         print(f"{title}: {', '.join(reg)}")
-    print("config keys (--set KEY=VALUE):")
+    print("\ndataset options (--set dataset.OPTION=VALUE), with the defaults of each dataset:")
+    for name, kind in DATASETS.items():
+        print(f"  {name}{':PATH' if kind.needs_arg else ''}")
+        if not options(kind.Options):
+            print("    (no options)")
+        tuned = {key: value for key, value in flatten(kind.defaults).items() if not key.startswith("dataset.")}
+        if tuned:  # the dataset's own layer of the configuration, under the user's
+            print(textwrap.fill(", ".join(f"{key} = {value!r}" for key, value in tuned.items()), width=110,
+                                initial_indent="    its defaults: ", subsequent_indent=" " * 6))
+    print("\nmethod options (--set method.NAME.OPTION=VALUE), with their defaults:")
+    for name, cls in METHODS.items():
+        if name == "unimodal":
+            print("  unimodal:<modality>  (the modality is given in the name)")
+            continue
+        print(f"  {name}")
+        if not options(cls.Params):
+            print("    (no options)")
+    print("\nconfig keys (--set KEY=VALUE):")
     for key, default, description in config_keys():
         shown = key if "<" in key else f"{key} = {default!r}"
         print(f"  {shown}  {description}")
@@ -382,6 +434,8 @@ COMMANDS = {"train": cmd_train, "bench": cmd_bench, "report": cmd_report, "pretr
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # to tell how to resume
+    args.standalone = argv is None  # the command line's own process, not a call from Python
     try:
         return COMMANDS[args.command](args)
     except PoiseError as e:

@@ -30,6 +30,10 @@ class TrainerConfig(_Strict):
     gamma: float = Field(0.1, gt=0, description="decay factor (step scheduler)")
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm; none: no clipping")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    threads: int = Field(
+        1, ge=0, description="CPU threads of torch's operators in a run; the numbers depend on it (1: the same on every "
+                             "machine; 0: leave the process's setting, torch's default uses every core)"
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     progress: bool = Field(True, description="progress bar over epochs (only on a terminal)")
     probe: bool = Field(True, description="fit a frozen linear probe per modality on the best checkpoint")
@@ -205,6 +209,23 @@ def config_keys() -> list[tuple[str, Any, str]]:
             rows.append((f"{section}.{key}", default, f.description or ""))
     rows.append(("dataset.<option>", None, "options of the dataset kind (see the dataset's section)"))
     rows.append(("method.<name>.<option>", None, "options of one method (see the method's section)"))
+    return rows
+
+
+def option_rows(model: type[BaseModel]) -> list[tuple[str, Any, str]]:
+    """(option, default, description) of a dataset's or method's options, as a user writes them
+    (the alias where there is one; a required option's default is the text 'required')."""
+    rows = []
+    for name, f in model.model_fields.items():
+        if f.is_required():
+            default: Any = "required"
+        else:
+            default = f.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump()
+            elif isinstance(default, dict):
+                default = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in default.items()}
+        rows.append((f.alias or name, default, f.description or ""))
     return rows
 
 

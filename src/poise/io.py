@@ -27,4 +27,20 @@ def atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["atomic_write_text", "seed_everything"]
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads for torch's operators (0: leave them). A sum split over more threads adds in
+    another order, so the thread count is part of what makes a run's numbers; the inter-op threads follow
+    where torch still allows it (before the process's first parallel work)."""
+    import torch
+
+    if threads <= 0:
+        return
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != threads:
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:
+            pass
+
+
+__all__ = ["atomic_write_text", "seed_everything", "set_threads"]

@@ -19,9 +19,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _fmt(values: list[float], scale: float = 100.0) -> str:
+    """``mean ± sample std``; a single value has no spread, so it stands alone."""
     m, s = mean_std(values)
     if math.isnan(m):
         return "-"
+    if sum(1 for x in values if x is not None and not math.isnan(x)) < 2:
+        return f"{m * scale:.2f}"
     return f"{m * scale:.2f} ± {s * scale:.2f}"
 
 
@@ -78,13 +81,52 @@ def notes_section(results: dict) -> str:
     return "\n".join(["## Modalities that learned nothing", "", *lines])
 
 
+def _configuration_section(results: dict) -> list[str]:
+    """The first run's configuration in full, and for every other row the keys where its own differs."""
+    import json
+
+    from poise.config import flatten
+
+    groups = group_runs(results)
+    if not groups:
+        return []
+    first_method, first_runs = next(iter(groups.items()))
+    base = first_runs[0].get("config")
+    if base is None:
+        return []
+    lines = ["## Configuration", "", f"Of `{first_method}` (every run, unless listed below):", "", "```json",
+             json.dumps(base, indent=1, sort_keys=True), "```", ""]
+    flat_base = flatten(base)
+    for method, runs in groups.items():
+        flat = flatten(runs[0].get("config", {}))
+        differs = {k: flat.get(k) for k in sorted(set(flat) | set(flat_base)) if flat.get(k) != flat_base.get(k)}
+        if differs:
+            lines.append(f"- `{method}`: " + ", ".join(f"`{k}` = `{v!r}`" for k, v in differs.items()))
+    return lines + [""]
+
+
 def write_report(results: dict, out: Path) -> Path:
-    plots = write_plots(results, out) + write_learning_curves(results, out)
+    """report.md: how the bench was run (command, versions, threads, configuration), the table and the plots."""
+    plots, notes = write_plots(results, out)
+    plots += write_learning_curves(results, out)
+    env = results.get("environment") or {}
+    command = results.get("command")
+    threads = sorted({str(r.get("config", {}).get("trainer", {}).get("threads", "not recorded"))
+                      for r in results["runs"]})
     text = [
         f"# poise bench: {results['dataset']}",
         "",
-        "Test-split metrics of the checkpoint chosen on the validation split (the last epoch for runs without one); "
-        "mean ± sample std over seeds, in %.",
+        f"Command: `{command}`" if command else "Command: not recorded (results.json from an older poise).",
+        "",
+        ("Versions: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".") if env else
+        "Versions: not recorded (results.json from an older poise).",
+        "",
+        f"CPU threads per run (`trainer.threads`): {', '.join(threads)}.",
+        "",
+        "Test-split metrics of the checkpoint chosen on the validation split (the last epoch for runs without one), "
+        "in %: mean ± sample standard deviation "
+        "over the row's seeds (n - 1 in the denominator; `seeds` is n; a row with one seed has no spread and shows "
+        "its value alone).",
         *([TEST_SELECTED_NOTE] if has_test_selected(results) else []),
         "`probe m`: frozen linear probe on modality m's encoder features (trained on the train split).",
         "`head m`: accuracy of the model's own unimodal logits for m.",
@@ -97,103 +139,251 @@ def write_report(results: dict, out: Path) -> Path:
         text += [warnings_text, ""]
     for name in plots:
         text += [f"![{name}]({name})", ""]
+    text += [f"- {note}" for note in notes] + ([""] if notes else [])
+    text += _configuration_section(results)
     path = out / "report.md"
-    from poise.train.trainer import atomic_write_text
+    from poise.io import atomic_write_text
 
     atomic_write_text("\n".join(text), path)
     return path
 
 
-def _curves(runs: list[dict], getter) -> np.ndarray | None:
-    """The mean over runs of one value per epoch; epochs in which a run did not record it are gaps."""
+def _series(runs: list[dict], getter) -> np.ndarray | None:
+    """One row per run of one value per epoch (NaN where a run did not record it), cut to the shortest run."""
     series = [[np.nan if (v := getter(h)) is None else v for h in r["history"]] for r in runs]
     series = [s for s in series if s]
     if not series:
         return None
     n = min(len(s) for s in series)
     values = np.asarray([s[:n] for s in series], dtype=float)
-    if np.isnan(values).all():
-        return None
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+    return None if np.isnan(values).all() else values
+
+
+def _mean_and_spread(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per epoch, the mean over runs and the sample std (0 where fewer than two runs recorded it)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an epoch no run recorded stays a gap
-        return np.nanmean(values, axis=0)
+        mean = np.nanmean(values, axis=0)
+        counts = np.sum(~np.isnan(values), axis=0)
+        std = np.where(counts > 1, np.nanstd(values, axis=0, ddof=1) if values.shape[0] > 1 else 0.0, 0.0)
+    return mean, np.nan_to_num(std)
 
 
-def write_plots(results: dict, out: Path) -> list[str]:
-    """unimodal_accuracy.png: per-modality validation accuracy over epochs, one panel per method;
-    confidence_ratio.png: the OGM confidence ratio of each modality over epochs, per method;
-    method_records.png: what each method decided per epoch (coefficients, weights), per method."""
+def _curves(runs: list[dict], getter) -> np.ndarray | None:
+    """The mean over runs of one value per epoch; epochs in which a run did not record it are gaps."""
+    values = _series(runs, getter)
+    return None if values is None else _mean_and_spread(values)[0]
+
+
+def palette(n: int) -> list:
+    """``n`` distinct colours (no colour twice up to 60): tab10, then tab20, then tab20 with tab20b and tab20c."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    colours = [colormaps["tab20"](i) for i in range(20)]
+    if n > 20:
+        colours += [colormaps["tab20b"](i) for i in range(20)] + [colormaps["tab20c"](i) for i in range(20)]
+    if n > len(colours):
+        raise ValueError(f"at most {len(colours)} distinct colours, asked for {n}")
+    return colours[:n]
+
+
+#: what a method records, with its unit, by the record's name without its modality part
+QUANTITIES = {
+    "coef": "gradient coefficient k (unitless)",
+    "ratio": "confidence ratio ρ (unitless)",
+    "weight": "loss weight (unitless)",
+    "teacher": "teacher share (fraction of batches)",
+    "kd": "distillation loss (nats)",
+    "drop_rate": "dropped samples (fraction)",
+    "q": "drop probability q (fraction)",
+    "theta": "feature rescale θ (unitless)",
+    "kept_samples": "samples kept in the loss (fraction)",
+    "teacher_val_accuracy": "teacher validation accuracy (fraction)",
+    "member_val_accuracy": "member validation accuracy (fraction)",
+    "owm/trace": "trace of the OWM projection P (unitless)",
+    "owm/head_grad_ratio": "projected / raw head gradient norm (unitless)",
+    "fusion_weight": "test-time fusion weight (unitless)",
+}
+#: quantities that mean the same in every method that records them, so their panels share a y-range
+#: (a ``weight`` is G-Blend's blending weight in one method and a learned loss weight in another)
+COMPARABLE = ("coef", "ratio", "fusion_weight", "drop_rate")
+#: at most this many quantities per method in method_records.png (the rest is named in the report)
+MAX_QUANTITIES = 4
+
+
+def split_record(key: str) -> tuple[str, str]:
+    """``coef/audio`` -> (``coef``, ``audio``): the quantity and the series within it (a modality, a head);
+    a name without a series part is its own quantity."""
+    if key in QUANTITIES or "/" not in key:
+        return key, key
+    quantity, _, series = key.rpartition("/")
+    return quantity, series
+
+
+def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
+    """unimodal_accuracy.png: per-modality and fused validation accuracy over epochs, one panel per method;
+    confidence_ratio.png: the OGM confidence ratio of each modality over epochs, one panel per modality;
+    method_records.png: what each method decided per epoch, one panel per quantity.
+    Lines are means over seeds, bands ± one sample std. Returns the files written and notes for the report."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     groups = group_runs(results)
     mods = modalities_of(results)
-    written = []
+    written: list[str] = []
+    notes: list[str] = []
+    band_note = "Lines: mean over seeds; bands: ± one sample standard deviation over seeds."
+    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 9})
 
-    def grid(n):
-        cols = min(4, max(1, n))
+    def grid(n, cols_max=4, width=3.6, height=2.8, sharey=False):
+        cols = min(cols_max, max(1, n))
         rows = math.ceil(n / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False,
+                                 sharey=sharey)
         for ax in axes.flat[n:]:
             ax.axis("off")
         return fig, list(axes.flat)
 
+    def band(ax, values, color, label, linestyle="-", positive=False):
+        mean, std = _mean_and_spread(values)
+        x = np.arange(len(mean))
+        ax.plot(x, mean, color=color, linestyle=linestyle, label=label, lw=1.5)
+        low = mean - std
+        if positive:  # a log axis has no room below zero
+            low = np.where(low > 0, low, mean * 0.5)
+        ax.fill_between(x, low, mean + std, color=color, alpha=0.2, lw=0)
+
+    def epochs_axis(ax):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
     def save(fig, name):
-        fig.tight_layout()
         tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=90)
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
         plt.close(fig)
         tmp.replace(out / name)
         written.append(name)
 
-    fig, axes = grid(len(groups))
+    def legend_on_top(fig, axes):
+        handles, labels = {}, []
+        for ax in axes:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in handles:
+                    handles[lab] = h
+                    labels.append(lab)
+        if handles:
+            fig.legend([handles[lab] for lab in labels], labels, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                       ncol=min(len(labels), 6), frameon=False)
+
+    # accuracy per method: one quantity (validation accuracy, %), one y-range for every panel
+    mod_colours = dict(zip(mods, palette(len(mods))))
+    fig, axes = grid(len(groups), sharey=True)
     for ax, (method, runs) in zip(axes, groups.items()):
         for m in mods:
-            c = _curves(runs, lambda h, m=m: (h["val"] or {}).get("unimodal_accuracy", {}).get(m))
-            if c is not None:  # one colour per modality in every panel
-                ax.plot(c * 100, label=m, color=f"C{mods.index(m) % 10}")
-        c = _curves(runs, lambda h: (h["val"] or {}).get("accuracy"))
-        if c is not None:
-            ax.plot(c * 100, "k--", label="fused")
-        ax.set_title(method, fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("val acc %")
-        if ax.get_legend_handles_labels()[0]:  # runs without a validation split draw nothing here
-            ax.legend(fontsize=7)
+            values = _series(runs, lambda h, m=m: (h["val"] or {}).get("unimodal_accuracy", {}).get(m))
+            if values is not None:
+                band(ax, values * 100, mod_colours[m], f"{m} head")
+        values = _series(runs, lambda h: (h["val"] or {}).get("accuracy"))
+        if values is not None:
+            band(ax, values * 100, "black", "fused", linestyle="--")
+        ax.set_title(f"{method} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        epochs_axis(ax)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.yaxis.set_tick_params(labelleft=True)
+        ax.grid(alpha=0.3)
+    legend_on_top(fig, axes)
+    fig.tight_layout()
     save(fig, "unimodal_accuracy.png")
 
-    with_ratio = {k: v for k, v in groups.items() if any(r["history"] and r["history"][0]["confidence_ratio"] for r in v)}
+    with_ratio = {k: v for k, v in groups.items()
+                  if any(h.get("confidence_ratio") for r in v for h in r["history"])}
     if with_ratio:
-        fig, axes = grid(len(mods))
+        colours = dict(zip(with_ratio, palette(len(with_ratio))))
+        fig, axes = grid(len(mods), cols_max=2, width=5.0, height=3.6, sharey=True)
         for ax, m in zip(axes, mods):
-            for i, (method, runs) in enumerate(with_ratio.items()):
-                c = _curves(runs, lambda h, m=m: h["confidence_ratio"].get(m))
-                if c is not None:  # ten colours, then the same colours dashed
-                    ax.plot(c, label=method, color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
-            ax.axhline(1.0, color="grey", lw=0.8)
+            for method, runs in with_ratio.items():
+                values = _series(runs, lambda h, m=m: h["confidence_ratio"].get(m))
+                if values is not None:
+                    band(ax, values, colours[method], method, positive=True)
+            ax.axhline(1.0, color="grey", lw=0.8, linestyle=":")
             ax.set_yscale("log")
-            ax.set_title(f"confidence ratio of {m}", fontsize=9)
-            ax.set_xlabel("epoch")
-        axes[len(mods) - 1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_tick_params(which="both", labelleft=True)
+            ax.set_title(f"{m}: confidence ratio (1 = balanced)")
+            epochs_axis(ax)
+            ax.set_ylabel("confidence ratio ρ (unitless, log scale)")
+            ax.yaxis.set_tick_params(labelleft=True)
+            ax.grid(alpha=0.3, which="both")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
+                   ncol=1 if len(labels) <= 18 else 2, title="method")
+        fig.tight_layout()
         save(fig, "confidence_ratio.png")
+        notes.append(f"confidence_ratio.png: {band_note}")
 
     with_records = {k: v for k, v in groups.items() if any(h["method"] for r in v for h in r["history"])}
     if with_records:
-        fig, axes = grid(len(with_records))
-        for ax, (method, runs) in zip(axes, with_records.items()):
-            keys = sorted({k for r in runs for h in r["history"] for k in h["method"]})
-            for k in keys[:8]:
-                c = _curves(runs, lambda h, k=k: h["method"].get(k))
-                if c is not None:  # values recorded once (before training) show as points
-                    ax.plot(c, marker="o" if np.isfinite(c).sum() < 3 else None, label=k)
-            ax.set_title(method, fontsize=9)
-            ax.set_xlabel("epoch")
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=6)
+        panels = []  # (method, quantity, keys)
+        for method, runs in with_records.items():
+            quantities: dict[str, list[str]] = {}
+            for key in sorted({k for r in runs for h in r["history"] for k in h["method"]}):
+                quantities.setdefault(split_record(key)[0], []).append(key)
+            shown = list(quantities.items())[:MAX_QUANTITIES]
+            if len(quantities) > MAX_QUANTITIES:
+                left = ", ".join(q for q in list(quantities)[MAX_QUANTITIES:])
+                notes.append(f"method_records.png: `{method}` records {len(quantities)} quantities; the first "
+                             f"{MAX_QUANTITIES} are drawn, not {left} (every record is in results.json).")
+            panels += [(method, q, keys) for q, keys in shown]
+        series_names = list(dict.fromkeys(split_record(k)[1] for _, _, keys in panels for k in keys))
+        others = [s for s in series_names if s not in mod_colours]
+        series_colours = {**mod_colours, **dict(zip(others, palette(len(mods) + len(others))[len(mods):]))}
+        fig, axes = grid(len(panels), width=3.8, height=3.0)
+        once = []
+        for ax, (method, quantity, keys) in zip(axes, panels):
+            runs = with_records[method]
+            per_key = {k: _series(runs, lambda h, k=k: h["method"].get(k)) for k in keys}
+            per_key = {k: v for k, v in per_key.items() if v is not None}
+            recorded = {k: np.unique(np.nonzero(~np.isnan(v))[1]) for k, v in per_key.items()}
+            if per_key and all(len(epochs) == 1 for epochs in recorded.values()):
+                # decided once (before training): a bar per series, not a dot on an epoch axis
+                names = [split_record(k)[1] for k in per_key]
+                values = [v[:, recorded[k][0]] for k, v in per_key.items()]
+                means = [float(np.mean(v)) for v in values]
+                stds = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]
+                ax.bar(names, means, yerr=stds, capsize=3, color=[series_colours[n] for n in names])
+                ax.set_xlabel("recorded once, before training")
+                once.append(method)
+            else:
+                for k, values in per_key.items():
+                    name = split_record(k)[1]
+                    band(ax, values, series_colours[name], name if name != quantity else None)
+                epochs_axis(ax)
+            ax.set_title(f"{method}: {quantity}")
+            ax.set_ylabel(QUANTITIES.get(quantity, f"{quantity} (as recorded)"))
+            ax.grid(alpha=0.3)
+        by_quantity: dict[str, list] = {}
+        for ax, (_, quantity, _) in zip(axes, panels):
+            if quantity in COMPARABLE:
+                by_quantity.setdefault(quantity, []).append(ax)
+        for same in by_quantity.values():  # one quantity in several methods: one y-range to compare them on
+            low = min(ax.get_ylim()[0] for ax in same)
+            high = max(ax.get_ylim()[1] for ax in same)
+            for ax in same:
+                ax.set_ylim(low, high)
+        legend_on_top(fig, axes)
+        fig.tight_layout()
         save(fig, "method_records.png")
-    return written
+        notes.append(f"method_records.png: {band_note} Bars (values decided once): mean over seeds, error bars "
+                     "± one sample standard deviation. Panels of the same quantity (gradient coefficients, confidence ratios, ...) share their y-range.")
+    notes.insert(0, f"unimodal_accuracy.png: {band_note} Every panel has the same y-range.")
+    return written, notes
 
 
 def write_learning_curves(results: dict, out: Path) -> list[str]:

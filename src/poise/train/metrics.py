@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+# torchmetrics is imported where it is used: importing it costs more than torch itself (it pulls in scipy and,
+# where installed, transformers), and every command of the CLI imports the training layer
 
 
 def accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> float:
+    from torchmetrics.functional.classification import multiclass_accuracy
+
     if labels.numel() == 0:
         return float("nan")
     return float(multiclass_accuracy(logits.argmax(1), labels, num_classes=num_classes, average="micro"))
 
 
 def macro_f1(logits: Tensor, labels: Tensor, num_classes: int) -> float:
+    from torchmetrics.functional.classification import multiclass_f1_score
+
     if labels.numel() == 0:
         return float("nan")
     return float(multiclass_f1_score(logits.argmax(1), labels, num_classes=num_classes, average="macro"))

@@ -13,10 +13,8 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+
+# scikit-learn is imported in linear_probe: a command that trains nothing should not pay for it
 
 
 @torch.no_grad()
@@ -36,17 +34,26 @@ def extract_features(model, loader, device) -> tuple[dict[str, np.ndarray], np.n
 
 
 def linear_probe(model, train_loader, test_loader, device, max_iter: int = 300, C: float = 1.0) -> dict[str, float]:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
     train_x, train_y, train_p = extract_features(model, train_loader, device)
     test_x, test_y, test_p = extract_features(model, test_loader, device)
     out = {}
-    for j, m in enumerate(model.modalities):
-        rows, test_rows = train_p[:, j], test_p[:, j]
-        if len(np.unique(train_y[rows])) < 2 or not test_rows.any():
-            out[m] = float("nan")
-            continue
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, C=C))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(train_x[m][rows], train_y[rows])
-        out[m] = float(clf.score(test_x[m][test_rows], test_y[test_rows]))
+    # the solver's BLAS threads follow the run's (trainer.threads): a sum split over more threads rounds
+    # differently, and a few hundred L-BFGS iterations carry that into the probe's accuracy
+    with threadpool_limits(limits=torch.get_num_threads()):
+        for j, m in enumerate(model.modalities):
+            rows, test_rows = train_p[:, j], test_p[:, j]
+            if len(np.unique(train_y[rows])) < 2 or not test_rows.any():
+                out[m] = float("nan")
+                continue
+            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, C=C))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.fit(train_x[m][rows], train_y[rows])
+            out[m] = float(clf.score(test_x[m][test_rows], test_y[test_rows]))
     return out

@@ -40,7 +40,7 @@ from poise.data.batch import MultimodalBatch
 from poise.errors import ConfigError, IncompatibleError
 from poise.train.probe import linear_probe
 from poise.functional.confidence import confidence_ratios, confidence_scores
-from poise.io import atomic_write_text, seed_everything
+from poise.io import atomic_write_text, seed_everything, set_threads
 from poise.models.model import ModelOutput, MultimodalModel
 from poise.train import factory
 from poise.train.checkpoint import (
@@ -225,6 +225,7 @@ class Trainer:
         if resume and self.out_dir is None:
             raise ConfigError("resuming needs the run folder that holds checkpoint.pt (out_dir)")
         t = config.trainer
+        set_threads(t.threads)
         self.device = factory.run_device(config)  # joining a torchrun group is the caller's explicit step
 
         check_splits(splits, f"dataset '{splits.source or splits.info.name}'",
@@ -785,5 +786,5 @@ class Trainer:
                     writer.add_scalar(key.replace(".", "/"), value, entry["epoch"])
 
 
-__all__ = ["chance_level", "EpochStats", "NonFiniteError", "RunResult", "Trainer", "atomic_save", "atomic_write_text", "concat_batches",
-           "concat_outputs", "resolve_device", "seed_everything"]
+__all__ = ["chance_level", "EpochStats", "NonFiniteError", "RunResult", "Trainer", "atomic_save", "concat_batches",
+           "concat_outputs"]
