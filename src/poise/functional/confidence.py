@@ -16,19 +16,18 @@ def confidence_scores(
     ``reduce=True`` sums the scores over distributed ranks (a no-op in one process).
     """
     with torch.no_grad():
-        rows = None
+        names = list(unimodal_logits)
+        # all modalities in one (B, M, C) tensor: a handful of ops per step, whatever M is
+        z = torch.stack([unimodal_logits[m].detach().float() for m in names], dim=1)
+        p = torch.softmax(z, dim=2).gather(2, labels.view(-1, 1, 1).expand(-1, len(names), 1)).squeeze(2)
         if present is not None:
-            rows = present.all(dim=1)
-        scores = {}
-        for m, z in unimodal_logits.items():
-            p = torch.softmax(z.detach().float(), dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
-            scores[m] = (p[rows] if rows is not None else p).sum()
+            p = torch.where(present.all(dim=1, keepdim=True), p, 0.0)
+        stacked = p.sum(dim=0)
         if reduce:
             from poise.train.distributed import all_reduce_sum
 
-            stacked = all_reduce_sum(torch.stack(list(scores.values())))
-            scores = {m: stacked[i] for i, m in enumerate(scores)}
-        return scores
+            stacked = all_reduce_sum(stacked)
+        return {m: stacked[i] for i, m in enumerate(names)}
 
 
 def confidence_ratios(scores: dict[str, Tensor], eps: float = 1e-12) -> dict[str, Tensor]:

@@ -117,7 +117,8 @@ class Method:
     def backward(self, terms: dict[str, Tensor], output: ModelOutput, batch: MultimodalBatch) -> None:
         """Backpropagate the loss through ``ctx.backward`` (mixed-precision scaling, accumulation,
         gradient averaging across processes); a method that overrides this does the same."""
-        loss = torch.stack(list(terms.values())).sum()
+        values = list(terms.values())
+        loss = values[0] if len(values) == 1 else torch.stack(values).sum()
         if self.ctx is not None:
             self.ctx.backward(loss)
         else:

@@ -46,10 +46,11 @@ class MultimodalModel(nn.Module):
     def encode(self, batch: MultimodalBatch, modalities: tuple[str, ...] | None = None) -> dict[str, Tensor]:
         """Encoder features, zeroed for samples where the modality is missing."""
         features = {}
+        columns = batch.modalities
         for m in modalities or self.modalities:
             h = self.encoders[m](batch.inputs[m])
-            present = batch.present_of(m)
-            features[m] = h * present.unsqueeze(1).to(h.dtype)
+            j = columns.index(m)
+            features[m] = h * batch.present[:, j: j + 1].to(h.dtype)
         return features
 
     def forward(self, batch: MultimodalBatch, feature_scale: dict[str, Tensor] | None = None) -> ModelOutput:
