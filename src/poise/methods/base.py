@@ -26,6 +26,7 @@ logs them.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -56,10 +57,12 @@ class StepPlan:
     """What a method decides before the forward pass of a step.
 
     feature_scale: modality -> (B,) multipliers applied to that modality's features before fusion
-                   (0 drops the modality for a sample: OPM, modality dropout).
+                   (0 drops the modality for a sample: OPM, modality dropout); or a function
+                   ``(features, unimodal_logits) -> multipliers`` that the model calls inside the forward,
+                   on the features before any scaling (OPM's ratio from the training forward itself).
     """
 
-    feature_scale: dict[str, Tensor] | None = None
+    feature_scale: dict[str, Tensor] | Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor] | None] | None = None
 
 
 class Method:
