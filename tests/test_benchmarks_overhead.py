@@ -1,0 +1,39 @@
+"""The trainer-overhead benchmark runs and writes its JSON (tiny settings: one round of one step)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def trainer_overhead(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import trainer_overhead
+
+    return trainer_overhead
+
+
+def test_trainer_overhead_times_every_registered_method(trainer_overhead, tmp_path, capsys):
+    from poise.methods.registry import BASELINES, METHODS
+
+    out = tmp_path / "overhead.json"
+    skip = {"umt", "ume", "gblend"}  # their set-up trains other models first: slow for a smoke test
+    assert trainer_overhead.main(["--settings", "avdigits", "--rounds", "2", "--steps", "1", "--warmup", "0",
+                                  "--threads", "1", "--clock", "cpu", "--skip", ",".join(skip), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["settings"]["avdigits"]
+    assert result["trainer_vs_plain"] > 0
+    expected = {m for m in METHODS if m not in BASELINES and m not in skip} | {"opm[extra_pass]"}
+    assert set(result["methods_vs_joint"]) == expected
+    assert all(r > 0 for r in result["methods_vs_joint"].values())
+    text = capsys.readouterr().out
+    assert "| `plain` |" in text and "| `ogm_ge` |" in text
+
+
+def test_unknown_setting_and_method_are_refused(trainer_overhead):
+    with pytest.raises(SystemExit, match="unknown setting 'imagenet'"):
+        trainer_overhead.main(["--settings", "imagenet"])
+    with pytest.raises(SystemExit, match="unknown method 'ogmx'"):
+        trainer_overhead.main(["--settings", "avdigits", "--methods", "ogmx"])
