@@ -22,7 +22,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench-overhead: $(STAMP)
-	$(BIN)/python benchmarks/step_overhead.py
+	$(BIN)/python benchmarks/trainer_overhead.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -236,6 +236,24 @@ def interleave(steppers: dict[str, object], rounds: int, steps: int, warmup: int
     return medians
 
 
+def finite_check_seconds(trainer: Trainer, repeats: int = 5) -> float:
+    """The trainer's finiteness check (loss terms and every gradient) on gradients of the model's shapes."""
+    engine = trainer.engine
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    loss = {"ce": torch.zeros((), device=trainer.device)}
+    times = []
+    for _ in range(repeats):
+        engine.note_loss(loss)
+        start = CLOCK()
+        engine.check_finite()
+        times.append(CLOCK() - start)
+    for p in params:
+        p.grad = None
+    return statistics.median(times)
+
+
 def ratios(medians: dict[str, list[float]], name: str, base: str) -> list[float]:
     return [a / b for a, b in zip(medians[name], medians[base])]
 
@@ -280,6 +298,7 @@ def run_setting(name: str, args, sets: dict) -> dict:
             for label, method, opts in group:
                 steppers[label] = TrainerStepper(make_trainer(splits, layer, method, opts, sets))
             medians = interleave(steppers, args.rounds, steps, args.warmup)
+            check = finite_check_seconds(joint) if g == 0 else None
         finally:
             for s in steppers.values():
                 s.close()
@@ -289,6 +308,9 @@ def run_setting(name: str, args, sets: dict) -> dict:
             rows.append(("plain", statistics.median(medians["plain"]), (1.0, 1.0, 1.0)))
             rows.append(("joint (trainer)", statistics.median(medians["joint"]), r))
             print(f"  {name}: trainer joint / plain loop {r[0]:.3f} (rounds {r[1]:.3f}-{r[2]:.3f})", flush=True)
+            result["finite_check_share"] = check / statistics.median(medians["joint"])
+            print(f"  {name}: the finiteness check takes {check * 1000:.2f} ms, "
+                  f"{100 * result['finite_check_share']:.2f} % of the trainer's step", flush=True)
         for label, _, _ in group:
             r = summary(ratios(medians, label, "joint"))
             result["methods_vs_joint"][label] = r[0]
