@@ -35,7 +35,7 @@ test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench-overhead: $(DEMO_STAMP)
-	$(BIN)/python benchmarks/step_overhead.py
+	$(BIN)/python benchmarks/trainer_overhead.py
 
 bench-startup: $(DEMO_STAMP)
 	$(BIN)/python benchmarks/startup.py

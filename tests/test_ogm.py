@@ -168,10 +168,50 @@ def test_modulate_gradients_scales_then_adds_noise_of_the_unscaled_std():
     # noise on BOTH encoders, each with the std of its own gradient before scaling
     assert float((p_a.grad - 0.25 * orig_a).std()) == pytest.approx(float(orig_a.std()), rel=0.02)
     assert float((p_v.grad - orig_v).std()) == pytest.approx(float(orig_v.std()), rel=0.02)
-    # same generator state: the same noise, tensor by tensor, in the same order
-    gen = torch.Generator().manual_seed(3)
-    expected_a = 0.25 * orig_a + ge_noise(orig_a, gen)
-    assert torch.allclose(p_a.grad, expected_a)
+    # same generator state: the same noise; another seed: other noise
+    for seed, same in ((3, True), (4, False)):
+        q_a, q_v = torch.nn.Parameter(torch.zeros(300, 300)), torch.nn.Parameter(torch.zeros(300, 300))
+        q_a.grad, q_v.grad = orig_a.clone(), orig_v.clone()
+        modulate_gradients([[q_a], [q_v]], torch.tensor([0.25, 1.0]), noise=True, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(q_a.grad, p_a.grad) == same and torch.equal(q_v.grad, p_v.grad) == same
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ge_noise_in_pieces_has_each_tensors_mean_and_std_and_ignores_the_thread_count(threads, monkeypatch):
+    """Tensors larger than a piece, smaller than one, and not contiguous: per tensor the added noise has mean 0
+    and the tensor's own std; the pieces of one tensor are not copies of each other; the numbers depend on
+    the generator's state only, not on how many threads draw them."""
+    import poise.functional.ogm as ogm
+
+    monkeypatch.setattr(ogm, "NOISE_PIECE", 1 << 14)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 3, 20, 20), (200,), (300, 500)]
+    grads = [torch.randn(shape, generator=g) * (i + 0.5) + i for i, shape in enumerate(shapes)]
+    grads.append((torch.randn(400, 300, generator=g) * 4.0).t())  # non-contiguous
+    originals = [x.clone() for x in grads]
+    stds = [x.std() + GE_EPS for x in originals]
+    k = torch.tensor(0.5)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ogm.scale_and_add_noise_(grads, k, stds, torch.Generator().manual_seed(11))
+    finally:
+        torch.set_num_threads(previous)
+    for x, orig, std in zip(grads, originals, stds):
+        noise = x - 0.5 * orig
+        assert abs(float(noise.mean())) < 4 * float(std) / math.sqrt(noise.numel())
+        assert float(noise.std()) == pytest.approx(float(std), rel=0.02 if noise.numel() > 10_000 else 0.15)
+    first = (grads[0] - 0.5 * originals[0]).reshape(-1)
+    piece = ogm.NOISE_PIECE
+    assert abs(float(torch.corrcoef(torch.stack([first[:piece], first[piece: 2 * piece]]))[0, 1])) < 0.05
+    # the reference: one thread, the same generator state
+    again = [x.clone() for x in originals]
+    torch.set_num_threads(1)
+    try:
+        ogm.scale_and_add_noise_(again, k, stds, torch.Generator().manual_seed(11))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(again, grads))
 
 
 def _conv_and_mlp_model():
@@ -512,6 +552,53 @@ def test_opm_current_ratio_is_this_batch_and_leaves_norm_statistics_alone():
         out = model(batch)
     s = naive_scores(out.unimodal_logits, batch.labels)
     assert ratios.tolist() == pytest.approx([s["audio"] / s["visual"], s["visual"] / s["audio"]], rel=1e-5)
+
+
+def test_opm_ratio_from_the_training_forward_equals_the_extra_pass():
+    """The default reads the ratio from the training forward's features before dropping; the option runs a
+    separate no-grad encoder pass first. Same ratios, same masks, same training, step after step."""
+    import copy
+
+    model, batch = _conv_and_mlp_model()
+    model.train()
+    runs = {}
+    for extra_pass in (False, True):
+        m = copy.deepcopy(model)
+        method = make_method("opm", {"p_exe": 1.0, "warmup_epochs": 0, "q_base": 0.6, "extra_pass": extra_pass})
+        _setup(method, m).backward = lambda loss: loss.backward()
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9)
+        keeps = []
+        for _ in range(6):
+            _train_step(method, m, optimizer, batch)
+            keeps.append(method._keep.clone())
+        runs[extra_pass] = (keeps, m, {k: [float(v) for v in vs] for k, vs in method._records.items()})
+    records_forward, records_pass = runs[False][2], runs[True][2]
+    assert records_forward["q/audio"] == records_pass["q/audio"] and records_forward["theta"] == records_pass["theta"]
+    assert max(records_forward["q/audio"] + records_forward["q/visual"]) > 0  # some steps drop something
+    for keep_f, keep_p in zip(runs[False][0], runs[True][0]):
+        assert torch.equal(keep_f, keep_p)
+    for p_f, p_p in zip(runs[False][1].parameters(), runs[True][1].parameters()):
+        assert torch.equal(p_f, p_p)
+    # and the extra pass reads this batch's ratio from the model as it is before the step
+    fresh = make_method("opm", {"p_exe": 1.0, "warmup_epochs": 0, "extra_pass": True})
+    _setup(fresh, model)
+    with torch.no_grad():
+        s = naive_scores(model(batch).unimodal_logits, batch.labels)
+    ratios = fresh._current_ratios(batch)
+    assert ratios.tolist() == pytest.approx([s["audio"] / s["visual"], s["visual"] / s["audio"]], rel=1e-5)
+
+
+def test_opm_decides_inside_the_forward_by_default():
+    model, batch = _conv_and_mlp_model()
+    model.train()
+    method = make_method("opm", {"p_exe": 1.0, "warmup_epochs": 0, "q_base": 1.0, "lam": 0.0})
+    _setup(method, model)
+    plan = method.on_step_start(batch)
+    assert callable(plan.feature_scale) and method._keep is None  # nothing decided before the forward
+    out = model(batch, feature_scale=plan.feature_scale)
+    s = naive_scores(out.unimodal_logits, batch.labels)  # unimodal logits of the features before dropping
+    dominant = 0 if s["audio"] > s["visual"] else 1
+    assert method._keep[:, dominant].sum() == 0 and bool(method._keep[:, 1 - dominant].all())
 
 
 def test_opm_never_drops_at_evaluation(monkeypatch):

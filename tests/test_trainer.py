@@ -80,14 +80,14 @@ def test_training_learns_and_reports_every_metric(tmp_path, monkeypatch):
     import poise.train.trainer as trainer_module
 
     scores_seen = []
-    scores_of_step = trainer_module.confidence_scores
+    note_scores = trainer_module.EpochStats.note_scores
 
-    def spy(*args, **kwargs):  # the true-class probability sums of every step, as the trainer computes them
-        scores = scores_of_step(*args, **kwargs)
-        scores_seen.append({m: float(v) for m, v in scores.items()})
-        return scores
+    def spy(self, unimodal_logits, labels, present):  # each step's logits, scored here by a plain formula
+        scores_seen.append({m: float(torch.softmax(z.double(), 1)[torch.arange(len(labels)), labels].sum())
+                            for m, z in unimodal_logits.items()})
+        return note_scores(self, unimodal_logits, labels, present)
 
-    monkeypatch.setattr(trainer_module, "confidence_scores", spy)
+    monkeypatch.setattr(trainer_module.EpochStats, "note_scores", spy)
     splits, _ = synthetic(2)
     cfg = fast_config(trainer={"epochs": 4, "probe": True, "tensorboard": True})
     result = Trainer(splits, make_method("joint"), cfg, seed=0, out_dir=tmp_path).fit()

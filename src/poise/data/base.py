@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from poise.data.batch import MultimodalBatch
 from poise.errors import DataError
 
 ModalityKind = Literal["vector", "sequence", "image", "spectrogram", "tokens", "frames"]
@@ -70,6 +71,15 @@ class TensorMultimodalDataset(Dataset):
 
     def __getitem__(self, i: int):
         return {m: x[i] for m, x in self.inputs.items()}, int(self.labels[i]), self.present[i], i
+
+    def __getitems__(self, indices: list[int]) -> MultimodalBatch:
+        """A whole batch with one indexing per tensor: the DataLoader calls this instead of ``__getitem__``
+        per sample, and :func:`poise.data.batch.collate` passes the batch through."""
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        return MultimodalBatch(
+            inputs={m: x[rows] for m, x in self.inputs.items()}, labels=self.labels[rows], present=self.present[rows],
+            index=rows,
+        )
 
     def subset(self, rows: np.ndarray | Tensor) -> TensorMultimodalDataset:
         rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)

@@ -57,8 +57,11 @@ class MultimodalBatch:
         return replace(self, inputs=inputs)
 
 
-def collate(items: Sequence[tuple[dict[str, Tensor], int, Tensor, int]]) -> MultimodalBatch:
-    """Stack dataset items ``(inputs, label, present, index)`` into a :class:`MultimodalBatch`."""
+def collate(items: Sequence[tuple[dict[str, Tensor], int, Tensor, int]] | MultimodalBatch) -> MultimodalBatch:
+    """Stack dataset items ``(inputs, label, present, index)`` into a :class:`MultimodalBatch`; a batch that
+    a dataset indexed as a whole (``__getitems__``) passes through."""
+    if isinstance(items, MultimodalBatch):
+        return items
     modalities = list(items[0][0])
     return MultimodalBatch(
         inputs={m: torch.stack([it[0][m] for it in items]) for m in modalities},

@@ -25,17 +25,23 @@ def confidence_scores(
         raise TypeError("confidence_scores(reduce=...) takes the function that sums over processes, e.g. "
                         "reduce=poise.train.distributed.all_reduce_sum, not a bool")
     with torch.no_grad():
-        rows = None
-        if present is not None:
-            rows = present.all(dim=1)
-        scores = {}
-        for m, z in unimodal_logits.items():
-            p = torch.softmax(z.detach().float(), dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
-            scores[m] = (p[rows] if rows is not None else p).sum()
+        names = list(unimodal_logits)
+        stacked = confidence_rows(unimodal_logits, labels, present).sum(dim=0)
         if reduce is not None:
-            stacked = reduce(torch.stack(list(scores.values())))
-            scores = {m: stacked[i] for i, m in enumerate(scores)}
-        return scores
+            stacked = reduce(stacked)
+        return {m: stacked[i] for i, m in enumerate(names)}
+
+
+def confidence_rows(unimodal_logits: dict[str, Tensor], labels: Tensor, present: Tensor | None = None) -> Tensor:
+    """(B, M): each sample's true-class probability under each modality, columns in the order of
+    ``unimodal_logits``; 0 for a sample that lacks some modality (``present`` (B, M))."""
+    with torch.no_grad():
+        # all modalities in one (B, M, C) tensor: a handful of operations, whatever M is
+        z = torch.stack([unimodal_logits[m].detach().float() for m in unimodal_logits], dim=1)
+        p = torch.softmax(z, dim=2).gather(2, labels.view(-1, 1, 1).expand(-1, z.shape[1], 1)).squeeze(2)
+        if present is not None:
+            p = torch.where(present.all(dim=1, keepdim=True), p, 0.0)
+        return p
 
 
 def confidence_ratios(scores: dict[str, Tensor], eps: float = 1e-12) -> dict[str, Tensor]:

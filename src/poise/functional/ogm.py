@@ -20,7 +20,9 @@ The tensor functions never leave the device (no ``.item()``), so they are safe i
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -116,23 +118,92 @@ def ge_noise(grad: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return noise * (std + GE_EPS)
 
 
+#: elements of noise drawn at a time: one piece stays in cache while it is added to its gradient, so no
+#: full-size noise tensor is ever allocated, and pieces are drawn in parallel on the CPU
+NOISE_PIECE = 1 << 18
+
+_local = threading.local()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _noise_buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """This thread's reusable noise buffer, at least ``n`` elements."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    key = (dtype, device)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < n:
+        buf = buffers[key] = torch.empty(max(n, NOISE_PIECE), dtype=dtype, device=device)
+    return buf[:n]
+
+
+def _add_piece(piece: Tensor, k: Tensor, std: Tensor, seed: int) -> None:
+    """``piece <- k * piece + std * N(0, 1)`` with noise from a generator seeded for this piece alone."""
+    gen = getattr(_local, "generator", None)
+    if gen is None:
+        gen = _local.generator = torch.Generator()
+    gen.manual_seed(seed)
+    noise = _noise_buffer(piece.numel(), piece.dtype, piece.device).view(piece.shape).normal_(generator=gen)
+    piece.mul_(k).addcmul_(noise, std)
+
+
+def scale_and_add_noise_(grads: Sequence[Tensor], k: Tensor, stds: Sequence[Tensor],
+                         generator: torch.Generator | None = None) -> None:
+    """In place: ``g_i <- k * g_i + stds[i] * N(0, 1)`` (i.i.d. standard normal noise), piece by piece.
+
+    On the CPU, torch draws normal numbers on one thread; here every piece of ``NOISE_PIECE`` elements has
+    its own generator, seeded from one draw of ``generator`` per piece, so the pieces are drawn on
+    ``torch.get_num_threads()`` threads at once and the noise still depends only on ``generator``'s state
+    (not on the number of threads). Elsewhere (CUDA) the device draws in parallel anyway: ``generator``
+    fills one reused piece after the other."""
+    pieces: list[tuple[Tensor, Tensor]] = []
+    for g, s in zip(grads, stds):
+        flat = g.view(-1) if g.is_contiguous() else None
+        if flat is None:  # a non-contiguous gradient: one piece, the whole tensor
+            pieces.append((g, s))
+            continue
+        pieces += [(flat[i: i + NOISE_PIECE], s) for i in range(0, flat.numel(), NOISE_PIECE)]
+    if not pieces:
+        return
+    if pieces[0][0].device.type != "cpu":
+        for piece, s in pieces:
+            noise = _noise_buffer(piece.numel(), piece.dtype, piece.device).view(piece.shape)
+            piece.mul_(k).addcmul_(noise.normal_(generator=generator), s)
+        return
+    # drawn on the CPU generator into a CPU array: reading the seeds never waits for a device
+    seeds = torch.randint(2**62, (len(pieces),), generator=generator).numpy().tolist()
+    workers = max(1, min(torch.get_num_threads(), len(pieces)))
+    if workers == 1:
+        for (piece, s), seed in zip(pieces, seeds):
+            _add_piece(piece, k, s, seed)
+        return
+    pool = _pools.get(workers)
+    if pool is None:
+        pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="poise-noise")
+    for future in [pool.submit(_add_piece, piece, k, s, seed) for (piece, s), seed in zip(pieces, seeds)]:
+        future.result()
+
+
 def modulate_gradients(
     groups: Sequence[Sequence[Tensor]],
     coefficients: Tensor,
     noise: bool = False,
     generator: torch.Generator | None = None,
 ) -> None:
-    """In place: ``g <- k_m * g`` for every parameter of ``groups[m]`` (``+ ge_noise(g)`` with ``noise``,
-    its std taken before the scaling). Parameters without a gradient are skipped."""
+    """In place: ``g <- k_m * g`` for every parameter of ``groups[m]`` (with ``noise``: ``+ N(0, std(g) +
+    1e-8)``, the std taken before the scaling, drawn by :func:`scale_and_add_noise_`). Parameters without a
+    gradient are skipped."""
     for m, params in enumerate(groups):
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             continue
         k = coefficients[m].to(grads[0].dtype)
-        additive = [ge_noise(g, generator) for g in grads] if noise else None
-        torch._foreach_mul_(grads, k)
-        if additive is not None:
-            torch._foreach_add_(grads, additive)
+        if not noise:
+            torch._foreach_mul_(grads, k)
+            continue
+        stds = [(g.std() if g.numel() > 1 else g.new_zeros(())) + GE_EPS for g in grads]
+        scale_and_add_noise_(grads, k, stds, generator)
 
 
 # ---- OPM -----------------------------------------------------------------------------------------
@@ -174,6 +245,7 @@ __all__ = [
     "modulate_gradients",
     "modulation_coefficients",
     "ogm_coefficients",
+    "scale_and_add_noise_",
     "opm_drop_probabilities",
     "opm_feature_scale",
     "opm_keep_mask",

@@ -66,10 +66,12 @@ class StepPlan:
     """What a method decides before the forward pass of a step.
 
     feature_scale: modality -> (B,) multipliers applied to that modality's features before fusion
-                   (0 drops the modality for a sample: OPM, modality dropout).
+                   (0 drops the modality for a sample: OPM, modality dropout); or a function
+                   ``(features, unimodal_logits) -> multipliers`` that the model calls inside the forward,
+                   on the features before any scaling (OPM's ratio from the training forward itself).
     """
 
-    feature_scale: dict[str, Tensor] | None = None
+    feature_scale: dict[str, Tensor] | Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor] | None] | None = None
 
 
 class Method:
@@ -145,7 +147,8 @@ class Method:
     def backward(self, terms: dict[str, Tensor], output: ModelOutput, batch: MultimodalBatch) -> None:
         """Backpropagate the loss through ``ctx.backward`` (mixed-precision scaling, accumulation,
         gradient averaging across processes); a method that overrides this does the same."""
-        loss = torch.stack(list(terms.values())).sum()
+        values = list(terms.values())
+        loss = values[0] if len(values) == 1 else torch.stack(values).sum()
         if self.ctx is not None:
             self.ctx.backward(loss)
         else:

@@ -147,9 +147,13 @@ class OPMParams(MethodParams):
     warmup_epochs: int = Field(6, ge=0, description="epochs without dropping at the start (released: epochs 0-5)")
     ratio_source: Literal["current", "previous"] = Field(
         "current",
-        description="current: the ratio of this batch, the one the released code reads from its forward pass; "
-        "poise decides the drops before the forward, so it computes it in an extra no-grad encoder pass per "
-        "modulated batch; previous: the ratio of the previous training step (no extra cost, one step late)",
+        description="current: the ratio of this batch, read from the training forward's own features before they "
+        "are dropped (as the released code does); previous: the ratio of the previous training batch (one step late)",
+    )
+    extra_pass: bool = Field(
+        False,
+        description="current ratio only: compute it in a separate no-grad encoder pass before the forward (the same "
+        "ratio at the cost of one more encoder forward per modulated batch)",
     )
 
 
@@ -221,21 +225,28 @@ class OPM(Method):
         # drawn on the CPU generator: deciding the branch never waits for the device
         if float(torch.rand((), generator=self._coin_generator)) >= self.params.p_exe:
             return None
+        if self.params.ratio_source == "current" and not self.params.extra_pass:
+            # decided inside the forward, from the features it has just computed
+            return StepPlan(feature_scale=lambda _, unimodal: self._feature_scale(self._ratios(unimodal, batch), len(batch)))
         if self.params.ratio_source == "current":
             ratios = self._current_ratios(batch)
         elif self._previous_ratios is not None:
             ratios = self._previous_ratios
         else:
             return None
+        return StepPlan(feature_scale=self._feature_scale(ratios, len(batch)))
+
+    def _feature_scale(self, ratios: Tensor, batch_size: int) -> dict[str, Tensor]:
+        """Drop probabilities from the ratios, then this batch's keep mask and feature multipliers."""
         q = opm_drop_probabilities(ratios, self.params.q_base, self.params.lam)
         theta = opm_theta(q, self._feature_dims)
-        keep = opm_keep_mask(q, len(batch), self._mask_generator)
+        keep = opm_keep_mask(q, batch_size, self._mask_generator)
         scale = opm_feature_scale(keep, theta)
         self._keep = keep
         for i, m in enumerate(self._modalities):
             self.record(f"q/{m}", q[i])
         self.record("theta", theta)
-        return StepPlan(feature_scale={m: scale[:, i] for i, m in enumerate(self._modalities)})
+        return {m: scale[:, i] for i, m in enumerate(self._modalities)}
 
     def loss(self, output: ModelOutput, batch: MultimodalBatch) -> dict[str, Tensor]:
         if self.params.ratio_source == "previous":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,10 @@ class ModelOutput:
     probe_logits: dict[str, Tensor] = field(default_factory=dict)
 
 
+#: per-modality (B,) feature multipliers, or a function of the unscaled features and unimodal logits that gives them
+FeatureScale = dict[str, Tensor] | Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor] | None]
+
+
 class MultimodalModel(nn.Module):
     def __init__(self, encoders: dict[str, nn.Module], fusion: Fusion):
         super().__init__()
@@ -46,21 +51,30 @@ class MultimodalModel(nn.Module):
     def encode(self, batch: MultimodalBatch, modalities: tuple[str, ...] | None = None) -> dict[str, Tensor]:
         """Encoder features, zeroed for samples where the modality is missing."""
         features = {}
+        columns = batch.modalities
         for m in modalities or self.modalities:
             h = self.encoders[m](batch.inputs[m])
-            present = batch.present_of(m)
-            features[m] = h * present.unsqueeze(1).to(h.dtype)
+            j = columns.index(m)
+            features[m] = h * batch.present[:, j: j + 1].to(h.dtype)
         return features
 
-    def forward(self, batch: MultimodalBatch, feature_scale: dict[str, Tensor] | None = None) -> ModelOutput:
+    def forward(self, batch: MultimodalBatch, feature_scale: FeatureScale | None = None) -> ModelOutput:
+        """``feature_scale``: modality -> (B,) multipliers of the features before fusion, or a function
+        ``(features, unimodal_logits) -> multipliers`` that decides them from this forward's own features."""
         features = self.encode(batch)
+        unimodal = None
+        if callable(feature_scale):
+            unimodal = self.fusion.unimodal(features)
+            feature_scale = feature_scale(features, unimodal)
         fused_in = features
         if feature_scale:
             fused_in = {
                 m: h * feature_scale[m].view(-1, 1).to(h.dtype) if m in feature_scale else h for m, h in features.items()
             }
-        logits, unimodal = self.fusion(fused_in)
-        if feature_scale:
+        logits, fused_unimodal = self.fusion(fused_in)
+        if not feature_scale:
+            unimodal = fused_unimodal
+        elif unimodal is None:
             unimodal = self.fusion.unimodal(features)
         probe = {}
         if not self.fusion.decomposable:
@@ -102,4 +116,4 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["ModelOutput", "MultimodalModel", "build_model", "count_parameters"]
+__all__ = ["FeatureScale", "ModelOutput", "MultimodalModel", "build_model", "count_parameters"]

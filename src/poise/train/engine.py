@@ -93,7 +93,7 @@ class StepEngine:
         self.groups = gradient_groups(model, self.extra_params)
         self.backward_calls = 0
         self._gradients_final = False
-        self._loss_flags: list[tuple[int, int, list[str], Tensor]] = []
+        self._loss_flags: list[tuple[int, int, list[str], list[Tensor]]] = []
         #: gradients handed in by the method (``add_gradients``): already averaged over processes, unscaled
         self._added: dict[int, tuple[nn.Parameter, Tensor]] = {}
         #: a loss added to the next backward of the micro-batch (the fusion's auxiliary heads)
@@ -128,8 +128,11 @@ class StepEngine:
             loss = loss / self.accumulate
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            loss.backward(retain_graph=retain_graph)
+        if self.amp_dtype is None:
+            loss.backward(retain_graph=retain_graph)  # no autocast to leave (entering a disabled one costs more than a small step's ops)
+        else:
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                loss.backward(retain_graph=retain_graph)
         self.backward_calls += 1
         if self.owns_step:
             self.finish_gradients()
@@ -223,37 +226,39 @@ class StepEngine:
 
     # ---- checks -----------------------------------------------------------------------------------
     def note_loss(self, terms: dict[str, Tensor]) -> None:
-        """Remember whether each loss term is finite (no sync; checked at the next step)."""
+        """Remember the loss terms (no sync, no computation; checked at the next step)."""
         if not terms:
             return
-        flags = torch.stack([torch.isfinite(v.detach()).all() for v in terms.values()])
+        values = [v.detach() if v.dim() == 0 else v.detach().sum() for v in terms.values()]
         epoch, step = self.where()
-        self._loss_flags.append((epoch, step, list(terms), flags))
+        self._loss_flags.append((epoch, step, list(terms), values))
 
     def check_finite(self, gradients: bool = True) -> None:
         """Raise NonFiniteError naming the step, the method and the loss term or the modality whose
         values are not finite. One host sync for all pending loss terms and every gradient group.
         Gradients are not checked under fp16: there the scaler skips a step with overflowing gradients."""
-        parts = [flags for *_, flags in self._loss_flags]
+        values = [v.float().to(self.device) for *_, vs in self._loss_flags for v in vs]
         group_names: list[str] = []
         if gradients and self.scaler is None:
-            norms = []
+            grads = []
             for name, params in self.groups.items():
-                grads = [p.grad for p in params if p.grad is not None]
-                if grads:
-                    group_names.append(name)
-                    norms.append(gradient_norm(grads))
-            if norms:
-                parts.append(torch.isfinite(torch.stack(norms)))
-        if not parts:
+                for p in params:
+                    if p.grad is not None:
+                        grads.append(p.grad)
+                        group_names.append(name)
+            if grads:
+                # one fused norm per tensor: a single read of every gradient; not finite iff some value is not
+                values += torch._foreach_norm(grads)
+        if not values:
             return
-        flags = torch.cat([p.reshape(-1).to(self.device) for p in parts]).tolist()
+        stacked = torch.stack(values)
         pending, self._loss_flags = self._loss_flags, []
-        if all(flags):
+        if bool(torch.isfinite(stacked).all()):  # the one host sync
             return
+        flags = torch.isfinite(stacked).tolist()
         epoch, step = self.where()
         offset = 0
-        for loss_epoch, loss_step, names, term_flags in pending:
+        for loss_epoch, loss_step, names, _ in pending:
             for name, ok in zip(names, flags[offset: offset + len(names)]):
                 if not ok:
                     raise NonFiniteError(
