@@ -10,6 +10,7 @@ from poise.methods.baselines import Joint, Unimodal
 from poise.methods.extensions import BoostWeak, Distill, ModalityDropout, UncertaintyWeighting
 from poise.methods.gblend import GradientBlending
 from poise.methods.mla import MLA
+from poise.methods.mmcosine import MMCosine
 from poise.methods.ogm import OGM, OGMGE, OPM
 from poise.methods.teachers import UME, UMT
 from poise.registry import Registry
@@ -35,6 +36,7 @@ METHODS: Registry[type[Method]] = Registry(
         "modality_dropout": ModalityDropout,
         "umt": UMT,
         "ume": UME,
+        "mmcosine": MMCosine,
     },
     check=_name_is_key,
 )
