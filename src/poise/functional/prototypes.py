@@ -9,8 +9,9 @@ from torch import Tensor
 def prototype_logits(features: Tensor, prototypes: Tensor) -> Tensor:
     """``-||z_i - c_k||_2``: features (B, d), prototypes (C, d) -> (B, C)."""
     diff = features.float().unsqueeze(1) - prototypes.float().unsqueeze(0)
-    # the plain norm of the difference: cdist's matrix-product path loses precision for close points
-    return -diff.pow(2).sum(-1).clamp_min(0).sqrt()
+    # the plain norm of the difference (cdist's matrix-product path loses precision for close points);
+    # the floor keeps the gradient finite where a feature sits on a prototype
+    return -diff.pow(2).sum(-1).clamp_min(1e-12).sqrt()
 
 
 def class_feature_sums(features: Tensor, labels: Tensor, num_classes: int,

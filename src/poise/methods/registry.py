@@ -12,6 +12,7 @@ from poise.methods.gblend import GradientBlending
 from poise.methods.mla import MLA
 from poise.methods.mmcosine import MMCosine
 from poise.methods.ogm import OGM, OGMGE, OPM
+from poise.methods.pmr import PMR
 from poise.methods.teachers import UME, UMT
 from poise.registry import Registry
 
@@ -37,6 +38,7 @@ METHODS: Registry[type[Method]] = Registry(
         "umt": UMT,
         "ume": UME,
         "mmcosine": MMCosine,
+        "pmr": PMR,
     },
     check=_name_is_key,
 )
