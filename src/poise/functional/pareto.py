@@ -7,6 +7,7 @@ from torch import Tensor
 
 #: the released solver's clip of the min-norm coefficient
 PARETO_CLIP = (0.001, 0.999)
+MAGNITUDES = ("encoder", "tensor", "none")
 
 
 def pareto_weights(g_multi: Tensor, g_uni: Tensor) -> tuple[float, float]:
@@ -26,18 +27,27 @@ def pareto_weights(g_multi: Tensor, g_uni: Tensor) -> tuple[float, float]:
 
 
 def pareto_combine(g_multi: list[Tensor], g_uni: list[Tensor], weights: tuple[float, float],
-                   g_sum: list[Tensor] | None = None, gamma: float = 1.5) -> list[Tensor]:
-    """``2 (a_1 g_multi + a_2 g_uni)`` per tensor. With ``g_sum`` (the released per-tensor magnitude
-    rescaling): each tensor times ``gamma * max(||g_sum_p|| / ||g_p||, 1)``; a tensor whose combined
-    gradient is zero stays zero (the released ratio would be infinite)."""
+                   magnitude: str = "encoder", gamma: float = 1.0) -> list[Tensor]:
+    """An encoder's gradient ``2 (a_1 g_multi + a_2 g_uni)`` (one tensor per parameter), its magnitude
+    then raised to at least that of the summed gradient ``g_sum = g_multi + g_uni`` and multiplied by
+    ``gamma``: ``magnitude="encoder"`` compares the norms over the whole encoder,
+    ``"tensor"`` tensor by tensor (the released code, with ``gamma`` 1.5), ``"none"`` leaves it as it is.
+    A combined gradient that is zero stays zero (the released ratio would be infinite)."""
+    if magnitude not in MAGNITUDES:
+        raise ValueError(f"pareto_combine: magnitude must be one of {', '.join(MAGNITUDES)}, not '{magnitude}'")
     a1, a2 = weights
     out = [2.0 * (a1 * gm + a2 * gu) for gm, gu in zip(g_multi, g_uni)]
-    if g_sum is None:
-        return out
-    scaled = []
-    for g, gs in zip(out, g_sum):
-        norm = torch.linalg.vector_norm(g)
-        ratio = torch.where(norm > 0, torch.linalg.vector_norm(gs) / norm.clamp_min(torch.finfo(g.dtype).tiny),
-                            torch.ones_like(norm))
-        scaled.append(gamma * ratio.clamp_min(1.0) * g)
-    return scaled
+    if magnitude == "none":
+        return [gamma * g for g in out] if gamma != 1.0 else out
+    sums = [gm + gu for gm, gu in zip(g_multi, g_uni)]
+
+    def factor(norm_sum: Tensor, norm: Tensor) -> Tensor:
+        ratio = torch.where(norm > 0, norm_sum / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
+        return gamma * ratio.clamp_min(1.0)
+
+    if magnitude == "tensor":
+        return [factor(torch.linalg.vector_norm(gs), torch.linalg.vector_norm(g)) * g for g, gs in zip(out, sums)]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in out]))
+    norm_sum = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in sums]))
+    k = factor(norm_sum, norm)
+    return [k * g for g in out]

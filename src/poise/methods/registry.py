@@ -11,6 +11,7 @@ from poise.methods.extensions import BoostWeak, Distill, ModalityDropout, Uncert
 from poise.methods.gblend import GradientBlending
 from poise.methods.mla import MLA
 from poise.methods.mmcosine import MMCosine
+from poise.methods.mmpareto import MMPareto
 from poise.methods.ogm import OGM, OGMGE, OPM
 from poise.methods.pmr import PMR
 from poise.methods.teachers import UME, UMT
@@ -39,6 +40,7 @@ METHODS: Registry[type[Method]] = Registry(
         "ume": UME,
         "mmcosine": MMCosine,
         "pmr": PMR,
+        "mmpareto": MMPareto,
     },
     check=_name_is_key,
 )
