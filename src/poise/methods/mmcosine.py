@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
@@ -42,6 +43,12 @@ class MMCosine(Method):
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
         self._modalities = tuple(ctx.model.modalities)
+        # the cosine logits have no bias: the head's bias is fixed at zero, so that it takes no gradient
+        # (a parameter without one would also stall a multi-process run)
+        bias = ctx.model.fusion.fc.bias
+        with torch.no_grad():
+            bias.zero_()
+        bias.requires_grad_(False)
 
     def _logits(self, output: ModelOutput) -> Tensor:
         assert self.ctx is not None, "setup() must run before training"

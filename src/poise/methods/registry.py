@@ -8,6 +8,7 @@ from poise.errors import ConfigError, closest
 from poise.methods.base import Method
 from poise.methods.baselines import Joint, Unimodal
 from poise.methods.extensions import BoostWeak, Distill, ModalityDropout, UncertaintyWeighting
+from poise.methods.agm import AGM
 from poise.methods.gblend import GradientBlending
 from poise.methods.mla import MLA
 from poise.methods.mmcosine import MMCosine
@@ -41,6 +42,7 @@ METHODS: Registry[type[Method]] = Registry(
         "mmcosine": MMCosine,
         "pmr": PMR,
         "mmpareto": MMPareto,
+        "agm": AGM,
     },
     check=_name_is_key,
 )
