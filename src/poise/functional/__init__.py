@@ -40,7 +40,7 @@ from poise.functional.teachers import ensemble_logits, feature_distillation_loss
 from poise.functional.cosine import cosine_logits
 from poise.functional.pareto import pareto_combine, pareto_weights
 from poise.functional.prototypes import prototype_entropy, prototype_logits, update_prototypes
-from poise.functional.shapley import agm_coefficients, agm_scores, shapley_responses
+from poise.functional.shapley import agm_coefficients, shapley_responses
 
 __all__ = [
     "confidence_ratios",
@@ -85,6 +85,5 @@ __all__ = [
     "prototype_logits",
     "update_prototypes",
     "agm_coefficients",
-    "agm_scores",
     "shapley_responses",
 ]

@@ -50,21 +50,6 @@ def shapley_responses(outputs: dict[frozenset[str], Tensor], modalities: tuple[s
     return responses
 
 
-def agm_scores(responses: dict[str, Tensor], labels: Tensor, rows: dict[str, Tensor] | None = None) -> Tensor:
-    """``s_m``: the mean of ``-log clamp(softmax(o_m)_y, 1e-8)`` over the batch (over the rows where
-    the modality is present, when given), one value per modality in ``responses``' order."""
-    scores = []
-    for m, o in responses.items():
-        p = torch.softmax(o.detach().float(), dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
-        nll = -torch.log(p.clamp_min(1e-8))
-        if rows is not None:
-            r = rows[m].float()
-            scores.append((nll * r).sum() / r.sum().clamp_min(1))
-        else:
-            scores.append(nll.mean())
-    return torch.stack(scores)
-
-
 def agm_coefficients(scores: Tensor, running: Tensor, alpha: float, clamp: float = 10.0) -> Tensor:
     """``k_m = exp(alpha * min(r*_m - r_m, clamp))`` with ``r_m = exp(M/(M-1) (mean_k s_k - s_m))`` from
     this batch's scores and ``r*_m`` the same of the running means ``running``: a modality that is more
