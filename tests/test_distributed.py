@@ -23,7 +23,7 @@ from conftest import fast_config, synthetic
 from poise.methods import make_method
 from poise.train import Trainer
 
-CASES = ("ogm_ge", "opm", "gblend", "mla", "uncertainty", "joint")
+CASES = ("ogm_ge", "opm", "gblend", "mla", "uncertainty", "joint", "mmcosine", "pmr", "mmpareto", "agm")
 
 
 def run_case(name: str) -> dict:

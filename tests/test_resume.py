@@ -128,12 +128,18 @@ CASES = {
     "gblend": ({"mode": "online", "warmup_epochs": 1, "super_epoch": 1, "estimate_epochs": 1}, {"optimizer": "adamw", "lr": 0.003}),
     "mla": ({}, {"scheduler": "step", "step_size": 1, "gamma": 0.5}),
     "uncertainty": ({}, {}),
+    "mmcosine": ({}, {}),
+    "pmr": ({}, {"accumulate": 2}),
+    "mmpareto": ({}, {"accumulate": 2}),
+    "agm": ({}, {"accumulate": 2}),
+    "agm[released]": ({"formulation": "released"}, {}),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interrupted_in_mid_epoch_and_resumed_equals_uninterrupted(name, tmp_path):
     options, trainer_options = CASES[name]
+    name = name.split("[")[0]
     splits, _ = synthetic(2, num_samples=300, missing_rate=0.1)
     cfg = fast_config(trainer={"epochs": 3, "batch_size": 32, "checkpoint_every_steps": 2, **trainer_options},
                       data={"missing_rate": 0.1})

@@ -45,6 +45,10 @@ from poise.functional.ogm import (
 )
 from poise.functional.contrastive import cross_modal_info_nce, info_nce, nt_xent
 from poise.functional.teachers import ensemble_logits, feature_distillation_losses
+from poise.functional.cosine import cosine_logits
+from poise.functional.pareto import pareto_combine, pareto_weights
+from poise.functional.prototypes import prototype_entropy, prototype_logits, update_prototypes
+from poise.functional.shapley import agm_coefficients, shapley_responses
 
 __all__ = [
     "confidence_ratios",
@@ -91,4 +95,12 @@ __all__ = [
     "opm_loss_rows",
     "opm_theta",
     "select_modulated_parameters",
+    "cosine_logits",
+    "pareto_combine",
+    "pareto_weights",
+    "prototype_entropy",
+    "prototype_logits",
+    "update_prototypes",
+    "agm_coefficients",
+    "shapley_responses",
 ]

@@ -8,9 +8,13 @@ from poise.errors import ConfigError, closest
 from poise.methods.base import Method
 from poise.methods.baselines import Joint, Unimodal
 from poise.methods.extensions import BoostWeak, Distill, ModalityDropout, UncertaintyWeighting
+from poise.methods.agm import AGM
 from poise.methods.gblend import GradientBlending
 from poise.methods.mla import MLA
+from poise.methods.mmcosine import MMCosine
+from poise.methods.mmpareto import MMPareto
 from poise.methods.ogm import OGM, OGMGE, OPM
+from poise.methods.pmr import PMR
 from poise.methods.teachers import UME, UMT
 from poise.registry import Registry
 
@@ -35,6 +39,10 @@ METHODS: Registry[type[Method]] = Registry(
         "modality_dropout": ModalityDropout,
         "umt": UMT,
         "ume": UME,
+        "mmcosine": MMCosine,
+        "pmr": PMR,
+        "mmpareto": MMPareto,
+        "agm": AGM,
     },
     check=_name_is_key,
 )

@@ -187,7 +187,8 @@ class StepEngine:
         step backpropagated: their gradients stay and are averaged by this reduction)."""
         from torch.nn.parallel.distributed import _find_tensors
 
-        if not self.ddp:
+        if not self.ddp or self.manual_average:
+            # gradients averaged at the step: the forward ran under no_sync, DDP waits for no reduction
             return
         anchors = [t.sum() for t in _find_tensors(output) if t.requires_grad]
         earlier = self.backward_calls > 0  # gradients of earlier micro-batches of this step: keep them
