@@ -105,10 +105,11 @@ DECIDE_PER_STEP = {
     "joint": {}, "unimodal:audio": {}, "ogm": {}, "ogm_ge": {}, "boost_weak": {},
     "boost_weak[lr]": {"mode": "lr"}, "uncertainty": {}, "distill[fixed teacher]": {"teacher": "audio"},
     "gblend": {"estimate_epochs": 1}, "umt": {"teacher_epochs": 1},
+    "mmcosine": {}, "agm": {},
 }
 #: methods that decide per batch (a coin, a ratio, a teacher) or take their own steps: they refuse
 REFUSE = {"opm": {}, "distill": {}, "distill[weakest student]": {"teacher": "audio", "students": "weakest"},
-          "mla": {}, "ume": {}}
+          "mla": {}, "ume": {}, "pmr": {}, "mmpareto": {}}
 #: per-sample random draws: the law of a decision does not depend on how a step is split
 PER_SAMPLE = {"modality_dropout"}
 
@@ -143,7 +144,7 @@ def test_accumulating_two_micro_batches_equals_one_batch(case):
         for a, b in zip(step_one, step_two):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     # every decision taken once per step has the same value; loss-time records repeat once per micro-batch
-    after = {k for k, _ in records[1]} - {k for k, _ in records[1] if k.startswith(("weight/", "kd", "teacher/", "fallback_uniform"))}
+    after = {k for k, _ in records[1]} - {k for k, _ in records[1] if k.startswith(("weight/", "kd", "teacher/", "fallback_uniform", "cos_true/"))}
     assert [v for k, v in records[1] if k in after] == pytest.approx([v for k, v in records[2] if k in after], abs=1e-5)
     for h1, h2 in zip(histories[1], histories[2]):
         assert h1["method"] == pytest.approx(h2["method"], abs=1e-5)

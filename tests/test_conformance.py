@@ -142,7 +142,7 @@ def test_two_processes_decide_as_one(spec, tmp_path):
     if spec in PER_RANK_MASKS:
         pytest.skip(f"{spec} draws the drop masks of each rank's own samples (its shared decisions: test_distributed)")
     mp.start_processes(_two_worker, args=(2, free_port(), str(tmp_path), spec), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="spawn")
     one = _decide(spec)
     for rank in range(2):
         two = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -126,7 +126,7 @@ def test_two_processes_average_gradients_exactly_once(tmp_path):
     """Each rank holds half of the batch; what ``gradients`` returns and the step's final gradient are
     the whole batch's, on both ranks."""
     path = str(tmp_path / "g")
-    mp.start_processes(_gradients_worker, args=(2, free_port(), path), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_gradients_worker, args=(2, free_port(), path), nprocs=2, join=True, start_method="spawn")
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     x, y = data(n=8)

@@ -89,7 +89,7 @@ def free_port() -> int:
 def results(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ddp") / "results")
     # fork, not spawn: the children start with torch and poise already imported (seconds saved)
-    mp.start_processes(_worker, args=(2, free_port(), path), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, free_port(), path), nprocs=2, join=True, start_method="spawn")
     two = [torch.load(f"{path}.rank{r}", weights_only=False) for r in range(2)]
     one = {name: run_case(name) for name in CASES}
     return one, two
@@ -224,7 +224,7 @@ def _resume_worker(rank: int, world: int, port: int, path: str) -> None:
 def test_two_process_run_resumes_in_mid_epoch_exactly(tmp_path):
     import json
 
-    mp.start_processes(_resume_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_resume_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     masks = [r["method"]["mask_generator"] for r in state["ranks"]]

@@ -87,7 +87,7 @@ def _reduce_worker(rank: int, world: int, port: int, path: str) -> None:
 
 def test_reduce_state_over_two_processes(tmp_path):
     path = str(tmp_path / "r")
-    mp.start_processes(_reduce_worker, args=(2, free_port(), path), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_reduce_worker, args=(2, free_port(), path), nprocs=2, join=True, start_method="spawn")
     for rank in range(2):
         got = torch.load(f"{path}.{rank}")
         assert torch.equal(got["sum"], torch.tensor([3.0, 10.0]))

@@ -129,8 +129,8 @@ CASES = {
     "mla": ({}, {"scheduler": "step", "step_size": 1, "gamma": 0.5}),
     "uncertainty": ({}, {}),
     "mmcosine": ({}, {}),
-    "pmr": ({}, {"accumulate": 2}),
-    "mmpareto": ({}, {"accumulate": 2}),
+    "pmr": ({}, {}),
+    "mmpareto": ({}, {}),
     "agm": ({}, {"accumulate": 2}),
     "agm[released]": ({"formulation": "released"}, {}),
 }

@@ -55,6 +55,9 @@ class MMPareto(Method):
             self.add_state(f"head_{m}_bias", head.bias)
         ctx.optimizer.add_param_group({"params": list(self.heads.parameters())})
 
+    def per_batch_decision(self) -> str | None:
+        return "combines each encoder's fused and unimodal gradients with Pareto weights"
+
     def loss(self, output: ModelOutput, batch: MultimodalBatch) -> dict[str, Tensor]:
         assert self.heads is not None, "setup() must run before training"
         terms = {"ce": F.cross_entropy(output.logits, batch.labels)}

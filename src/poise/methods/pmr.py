@@ -114,6 +114,9 @@ class PMR(Method):
             self.compute_prototypes()
         return None
 
+    def per_batch_decision(self) -> str | None:
+        return "computes its prototype ratios and loss coefficients"
+
     # ---- the loss ---------------------------------------------------------------------------------
     def loss(self, output: ModelOutput, batch: MultimodalBatch) -> dict[str, Tensor]:
         assert self.ctx is not None, "setup() must run before training"
