@@ -37,6 +37,7 @@ from poise.functional.ogm import (
 )
 from poise.functional.contrastive import cross_modal_info_nce, info_nce, nt_xent
 from poise.functional.teachers import ensemble_logits, feature_distillation_losses
+from poise.functional.inforeg import add_proximal_gradient, fisher_trace, inforeg_coefficients, prime_window_slope
 
 __all__ = [
     "confidence_ratios",
@@ -74,4 +75,8 @@ __all__ = [
     "opm_loss_rows",
     "opm_theta",
     "select_modulated_parameters",
+    "add_proximal_gradient",
+    "fisher_trace",
+    "inforeg_coefficients",
+    "prime_window_slope",
 ]

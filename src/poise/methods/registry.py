@@ -9,6 +9,7 @@ from poise.methods.base import Method
 from poise.methods.baselines import Joint, Unimodal
 from poise.methods.extensions import BoostWeak, Distill, ModalityDropout, UncertaintyWeighting
 from poise.methods.gblend import GradientBlending
+from poise.methods.inforeg import InfoReg
 from poise.methods.mla import MLA
 from poise.methods.ogm import OGM, OGMGE, OPM
 from poise.methods.teachers import UME, UMT
@@ -35,6 +36,7 @@ METHODS: Registry[type[Method]] = Registry(
         "modality_dropout": ModalityDropout,
         "umt": UMT,
         "ume": UME,
+        "inforeg": InfoReg,
     },
     check=_name_is_key,
 )
