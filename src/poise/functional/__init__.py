@@ -37,6 +37,13 @@ from poise.functional.ogm import (
 )
 from poise.functional.contrastive import cross_modal_info_nce, info_nce, nt_xent
 from poise.functional.teachers import ensemble_logits, feature_distillation_losses
+from poise.functional.relearning import (
+    clustering_purity,
+    kmeans_purity,
+    minmax_scale,
+    reinitialise,
+    relearning_strength,
+)
 from poise.functional.inforeg import add_proximal_gradient, fisher_trace, inforeg_coefficients, prime_window_slope
 
 __all__ = [
@@ -79,4 +86,9 @@ __all__ = [
     "fisher_trace",
     "inforeg_coefficients",
     "prime_window_slope",
+    "clustering_purity",
+    "kmeans_purity",
+    "minmax_scale",
+    "reinitialise",
+    "relearning_strength",
 ]

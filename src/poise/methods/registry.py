@@ -10,6 +10,7 @@ from poise.methods.baselines import Joint, Unimodal
 from poise.methods.extensions import BoostWeak, Distill, ModalityDropout, UncertaintyWeighting
 from poise.methods.gblend import GradientBlending
 from poise.methods.inforeg import InfoReg
+from poise.methods.relearning import Relearning
 from poise.methods.mla import MLA
 from poise.methods.ogm import OGM, OGMGE, OPM
 from poise.methods.teachers import UME, UMT
@@ -37,6 +38,7 @@ METHODS: Registry[type[Method]] = Registry(
         "umt": UMT,
         "ume": UME,
         "inforeg": InfoReg,
+        "relearning": Relearning,
     },
     check=_name_is_key,
 )
