@@ -44,6 +44,7 @@ from poise.functional.relearning import (
     reinitialise,
     relearning_strength,
 )
+from poise.functional.valuation import modality_copies, sample_copies, sample_shapley_values
 from poise.functional.inforeg import add_proximal_gradient, fisher_trace, inforeg_coefficients, prime_window_slope
 
 __all__ = [
@@ -91,4 +92,7 @@ __all__ = [
     "minmax_scale",
     "reinitialise",
     "relearning_strength",
+    "modality_copies",
+    "sample_copies",
+    "sample_shapley_values",
 ]

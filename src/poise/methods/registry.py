@@ -11,6 +11,7 @@ from poise.methods.extensions import BoostWeak, Distill, ModalityDropout, Uncert
 from poise.methods.gblend import GradientBlending
 from poise.methods.inforeg import InfoReg
 from poise.methods.relearning import Relearning
+from poise.methods.valuation import Valuation
 from poise.methods.mla import MLA
 from poise.methods.ogm import OGM, OGMGE, OPM
 from poise.methods.teachers import UME, UMT
@@ -39,6 +40,7 @@ METHODS: Registry[type[Method]] = Registry(
         "ume": UME,
         "inforeg": InfoReg,
         "relearning": Relearning,
+        "valuation": Valuation,
     },
     check=_name_is_key,
 )
