@@ -43,7 +43,7 @@ def check_accumulation(name, options, epochs=1, atol=1e-5, weights=True):
     for k, v in methods[1].state_dict().items():
         if isinstance(v, torch.Tensor):
             assert torch.allclose(v.float(), methods[2].state_dict()[k].float(), atol=atol), k
-        elif isinstance(v, (list, float)):
+        elif isinstance(v, float) or (isinstance(v, list) and all(isinstance(x, float) for x in v)):
             assert v == pytest.approx(methods[2].state_dict()[k], rel=1e-4), k
         else:
             assert v == methods[2].state_dict()[k], k

@@ -45,6 +45,7 @@ from poise.functional.relearning import (
     relearning_strength,
 )
 from poise.functional.valuation import modality_copies, sample_copies, sample_shapley_values
+from poise.functional.reconboost import boosting_loss, ga_loss, reconboost_schedule
 from poise.functional.inforeg import add_proximal_gradient, fisher_trace, inforeg_coefficients, prime_window_slope
 
 __all__ = [
@@ -95,4 +96,7 @@ __all__ = [
     "modality_copies",
     "sample_copies",
     "sample_shapley_values",
+    "boosting_loss",
+    "ga_loss",
+    "reconboost_schedule",
 ]

@@ -10,6 +10,7 @@ from poise.methods.baselines import Joint, Unimodal
 from poise.methods.extensions import BoostWeak, Distill, ModalityDropout, UncertaintyWeighting
 from poise.methods.gblend import GradientBlending
 from poise.methods.inforeg import InfoReg
+from poise.methods.reconboost import ReconBoost
 from poise.methods.relearning import Relearning
 from poise.methods.valuation import Valuation
 from poise.methods.mla import MLA
@@ -41,6 +42,7 @@ METHODS: Registry[type[Method]] = Registry(
         "inforeg": InfoReg,
         "relearning": Relearning,
         "valuation": Valuation,
+        "reconboost": ReconBoost,
     },
     check=_name_is_key,
 )
