@@ -62,7 +62,7 @@ def test_phases_freeze_the_other_encoders_and_learners_join():
     def on_epoch_end(epoch):
         model = method.ctx.model
         snapshots.append(({m: [p.detach().clone() for p in model.modality_parameters(m)] for m in ("audio", "visual")},
-                          float(method.boost_rate), list(method.learners)))
+                          float(method.boost_rate.detach()), list(method.learners)))
         original(epoch)
 
     method.on_epoch_end = on_epoch_end

@@ -45,6 +45,9 @@ class ReconBoost(Method):
     min_modalities = 2
     default_fusion = "shared"
     fusions = ("shared", "concat", "sum")
+    #: a boosting phase's loss reaches one encoder only, which DistributedDataParallel's reduction during the
+    #: backward refuses; averaging the gradients once at the step has no such constraint
+    multiple_backward = True
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
