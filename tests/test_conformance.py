@@ -19,7 +19,7 @@ from poise.train import Trainer
 
 #: options that keep each method's start-up work (teachers, estimation runs) small
 FAST_OPTIONS = {"umt": {"teacher_epochs": 1}, "ume": {"member_epochs": 1}, "gblend": {"estimate_epochs": 1},
-                "opm": {"warmup_epochs": 0}}
+                "opm": {"warmup_epochs": 0}, "reconboost": {"epochs_per_phase": 1}}
 
 
 #: methods whose per-sample random masks are drawn by each rank for its own samples: N processes
@@ -205,9 +205,11 @@ def snapshot_at_setup(method, store: dict):
 @pytest.mark.parametrize("spec", specs())
 def test_method_trains_or_refuses_at_start(spec, case):
     modalities = {"one": 1, "three": 3}.get(case, 2)
-    splits, cfg = synthetic(modalities, missing_rate=0.3 if case == "missing" else 0.0, num_samples=160)
     name = spec.split(":")[0]
-    method = make_method(spec)
+    # reconboost trains one encoder per boosting phase: enough epochs that every encoder gets one
+    longer = {"trainer": {"epochs": 4}} if name == "reconboost" else {}
+    splits, cfg = synthetic(modalities, missing_rate=0.3 if case == "missing" else 0.0, num_samples=160, **longer)
+    method = make_method(spec, FAST_OPTIONS.get(name, {}))
     if expected_to_refuse(spec, modalities):
         with pytest.raises(IncompatibleError) as refused:
             Trainer(splits, method, cfg, seed=0, method_name=spec)

@@ -49,6 +49,16 @@ from poise.functional.cosine import cosine_logits
 from poise.functional.pareto import pareto_combine, pareto_weights
 from poise.functional.prototypes import prototype_entropy, prototype_logits, update_prototypes
 from poise.functional.shapley import agm_coefficients, shapley_responses
+from poise.functional.relearning import (
+    clustering_purity,
+    kmeans_purity,
+    minmax_scale,
+    reinitialise,
+    relearning_strength,
+)
+from poise.functional.valuation import modality_copies, sample_copies, sample_shapley_values
+from poise.functional.reconboost import boosting_loss, ga_loss, reconboost_schedule
+from poise.functional.inforeg import add_proximal_gradient, fisher_trace, inforeg_coefficients, prime_window_slope
 
 __all__ = [
     "confidence_ratios",
@@ -103,4 +113,19 @@ __all__ = [
     "update_prototypes",
     "agm_coefficients",
     "shapley_responses",
+    "add_proximal_gradient",
+    "fisher_trace",
+    "inforeg_coefficients",
+    "prime_window_slope",
+    "clustering_purity",
+    "kmeans_purity",
+    "minmax_scale",
+    "reinitialise",
+    "relearning_strength",
+    "modality_copies",
+    "sample_copies",
+    "sample_shapley_values",
+    "boosting_loss",
+    "ga_loss",
+    "reconboost_schedule",
 ]

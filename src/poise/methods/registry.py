@@ -10,6 +10,10 @@ from poise.methods.baselines import Joint, Unimodal
 from poise.methods.extensions import BoostWeak, Distill, ModalityDropout, UncertaintyWeighting
 from poise.methods.agm import AGM
 from poise.methods.gblend import GradientBlending
+from poise.methods.inforeg import InfoReg
+from poise.methods.reconboost import ReconBoost
+from poise.methods.relearning import Relearning
+from poise.methods.valuation import Valuation
 from poise.methods.mla import MLA
 from poise.methods.mmcosine import MMCosine
 from poise.methods.mmpareto import MMPareto
@@ -43,6 +47,10 @@ METHODS: Registry[type[Method]] = Registry(
         "pmr": PMR,
         "mmpareto": MMPareto,
         "agm": AGM,
+        "inforeg": InfoReg,
+        "relearning": Relearning,
+        "valuation": Valuation,
+        "reconboost": ReconBoost,
     },
     check=_name_is_key,
 )
