@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from poise.config import build_config
 from poise.data import load_dataset
@@ -28,3 +29,12 @@ def synthetic2():
 @pytest.fixture
 def synthetic3():
     return synthetic(3)
+
+
+@pytest.fixture
+def one_thread():
+    """Small models on a shared 2-core machine: one intra-op thread avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,13 +32,7 @@ from poise.models.resnet import ResNet18Encoder, TextEncoder, TransformerSequenc
 SMALL = {"image_size": 32}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """ResNet-18 on a shared 2-core machine: one intra-op thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 # ---- encoders ---------------------------------------------------------------------------------------

@@ -23,13 +23,7 @@ from feature_scale import write_feature_file  # noqa: E402
 QUIET = {"progress": False, "tensorboard": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared machine: one intra-op thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def npz(path, **arrays):

@@ -16,12 +16,7 @@ from poise.data.media import ImageTransform
 SMALL = {"image_size": 32}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 # ---- 2. frame choice --------------------------------------------------------------------------------
