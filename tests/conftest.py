@@ -1,3 +1,5 @@
+import socket
+
 import pytest
 import torch
 
@@ -38,3 +40,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_context(method, splits, cfg):
+    """``method`` set up on a fresh model of a Trainer's building, without training; and one training batch."""
+    from poise.train import Trainer
+    from poise.train.context import TrainContext
+
+    trainer = Trainer(splits, method, cfg, seed=0)
+    torch.manual_seed(0)
+    model = trainer.build_model()
+    ctx = TrainContext(
+        model=model, optimizer=trainer.build_optimizer(model.parameters()), config=cfg, info=splits.info, splits=splits,
+        device=trainer.device, seed=0, make_loader=trainer.make_loader, build_model=trainer.build_model,
+        build_optimizer=trainer.build_optimizer,
+    )
+    method.setup(ctx)
+    batch = next(iter(trainer.make_loader(splits.train, False)))
+    return ctx, batch

@@ -5,7 +5,6 @@ reference, in one process, in two (gloo) and under fp16 with the CPU GradScaler.
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import fast_config, synthetic
+from conftest import fast_config, free_port, synthetic
 from poise.errors import PoiseError
 from poise.methods.base import Method
 from poise.train import Trainer
@@ -90,12 +89,6 @@ def test_fp16_step_skipped_when_an_added_gradient_overflows():
     engine.optimizer_step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert engine.scaler.get_scale() < 65536.0  # the scaler saw the overflow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gradients_worker(rank: int, world: int, port: int, path: str) -> None:

@@ -7,26 +7,11 @@ import math
 import pytest
 import torch
 
-from conftest import synthetic
+from conftest import make_context, synthetic
 from poise.errors import ConfigError, IncompatibleError
 from poise.methods import make_method
 from poise.methods.teachers import load_unimodal_model
 from poise.train import Trainer
-from poise.train.context import TrainContext
-
-
-def make_context(method, splits, cfg):
-    trainer = Trainer(splits, method, cfg, seed=0)
-    torch.manual_seed(0)
-    model = trainer.build_model()
-    ctx = TrainContext(
-        model=model, optimizer=trainer.build_optimizer(model.parameters()), config=cfg, info=splits.info, splits=splits,
-        device=trainer.device, seed=0, make_loader=trainer.make_loader, build_model=trainer.build_model,
-        build_optimizer=trainer.build_optimizer,
-    )
-    method.setup(ctx)
-    batch = next(iter(trainer.make_loader(splits.train, False)))
-    return ctx, batch
 
 
 def naive_kd(student, teacher, t):

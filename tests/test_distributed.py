@@ -12,14 +12,13 @@ but each rank draws the per-sample drop masks for its own samples, so its traine
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import fast_config, synthetic
+from conftest import fast_config, free_port, synthetic
 from poise.methods import make_method
 from poise.train import Trainer
 
@@ -77,12 +76,6 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         torch.save(results, f"{path}.rank{rank}")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from torch.utils.data import Subset
 
 import poise.methods.gblend as gblend_module
 import poise.train.trainer as trainer_module
-from conftest import fast_config, synthetic
+from conftest import synthetic
 from poise.data import evaluation_view
 from poise.data.base import DataSplits
 from poise.data.lazy import LazyMultimodalDataset, SampleReader

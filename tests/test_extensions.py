@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import synthetic
+from conftest import make_context, synthetic
 from poise.errors import ConfigError, IncompatibleError
 from poise.functional.extensions import (
     batch_confidence_ratios,
@@ -22,7 +22,6 @@ from poise.functional.extensions import (
 )
 from poise.methods import make_method
 from poise.train import Trainer
-from poise.train.context import TrainContext
 
 
 def naive_scores(logits: dict, labels, present=None):
@@ -213,20 +212,6 @@ def test_modality_dropout_mask_rules_and_rate():
 
 
 # ---- hooks on one step --------------------------------------------------------------------------------
-def make_context(method, splits, cfg):
-    trainer = Trainer(splits, method, cfg, seed=0)
-    torch.manual_seed(0)
-    model = trainer.build_model()
-    ctx = TrainContext(
-        model=model, optimizer=trainer.build_optimizer(model.parameters()), config=cfg, info=splits.info, splits=splits,
-        device=trainer.device, seed=0, make_loader=trainer.make_loader, build_model=trainer.build_model,
-        build_optimizer=trainer.build_optimizer,
-    )
-    method.setup(ctx)
-    batch = next(iter(trainer.make_loader(splits.train, False)))
-    return ctx, batch
-
-
 def test_boost_weak_grad_mode_scales_only_the_weak_encoder():
     splits, cfg = synthetic(2)
     method = make_method("boost_weak", {"alpha": 1.0})

@@ -5,14 +5,13 @@ epoch, ``poise eval``); the records API; the registry refuses a class whose name
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import fast_config, synthetic
+from conftest import fast_config, free_port, synthetic
 from poise.methods.base import Method
 from poise.methods.baselines import Joint
 from poise.methods.registry import METHODS
@@ -62,12 +61,6 @@ def test_declared_state_refuses_bad_reductions():
         m.add_state("x", torch.zeros(1), reduce="median")
     with pytest.raises(ValueError, match="only tensor state"):
         m.add_state("y", 0, reduce="sum")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reduce_worker(rank: int, world: int, port: int, path: str) -> None:

@@ -63,7 +63,7 @@ def test_flow_flip_joint_negates_u_and_independent_does_not(tmp_path):
     transform = ImageTransform(16, "resize_flip", mean=None, std=None)
     readers = {flip: FlowReader(FrameReader([tmp_path / "u" / "c"], 1, "segments", transform, mode="L"),
                                 [tmp_path / "v" / "c"], flip=flip) for flip in ("joint", "independent")}
-    u_right, v_right = 100 / 255, 200 / 255
+    u_right = 100 / 255
     joint = [readers["joint"].read(0, np.random.default_rng(s))[0] for s in range(30)]
     for x in joint:
         v_flipped = x[1, 0, 0] > 0.5

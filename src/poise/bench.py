@@ -50,7 +50,6 @@ from poise.runs import (  # noqa: F401  (the run-assembly API lives in poise.run
     splits_for,
     train_one,
 )
-from poise.train.run_files import stored_statistics  # noqa: F401
 
 
 #: the variant keys that are not config keys

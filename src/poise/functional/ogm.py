@@ -21,7 +21,7 @@ The tensor functions never leave the device (no ``.item()``), so they are safe i
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 

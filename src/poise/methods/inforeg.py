@@ -59,7 +59,7 @@ class InfoReg(Method):
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
-        model = getattr(ctx.model, "module", ctx.model)
+        model = ctx.model
         self._modalities = tuple(model.modalities)
         self._groups = {m: model.modality_parameters(m) for m in self._modalities}
         watched = self._modalities if self.params.trace_of == "all" else (self.params.trace_of,)

@@ -51,7 +51,7 @@ class ReconBoost(Method):
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
-        model = getattr(ctx.model, "module", ctx.model)
+        model = ctx.model
         self._modalities = tuple(model.modalities)
         self._groups = {m: model.modality_parameters(m) for m in self._modalities}
         self.boost_rate = self.add_state("boost_rate", nn.Parameter(torch.tensor(self.params.boost_rate, device=ctx.device)))

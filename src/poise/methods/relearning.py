@@ -40,7 +40,7 @@ class Relearning(Method):
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
-        model = getattr(ctx.model, "module", ctx.model)
+        model = ctx.model
         self._modalities = tuple(model.modalities)
         for m in self._modalities:
             ctx.snapshot(_SNAPSHOT.format(m), model.modality_parameters(m))

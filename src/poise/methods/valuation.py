@@ -71,7 +71,7 @@ class Valuation(Method):
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
-        model = getattr(ctx.model, "module", ctx.model)
+        model = ctx.model
         self._modalities = tuple(model.modalities)
         self.add_state("copy_rows", torch.zeros(0, dtype=torch.long))
         self.add_state("copy_drop", torch.zeros(0, len(self._modalities), dtype=torch.bool))

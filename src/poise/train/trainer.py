@@ -70,7 +70,6 @@ from poise.train.distributed import (
 from poise.train.engine import NonFiniteError, StepEngine
 from poise.train.evaluation import evaluate_split
 from poise.train.run_files import RESULT_FILE, write_run_description
-from poise.train.factory import resolve_device
 
 if TYPE_CHECKING:
     from poise.methods.base import Method
