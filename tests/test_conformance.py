@@ -135,7 +135,7 @@ def test_two_processes_decide_as_one(spec, tmp_path):
 
     import torch.multiprocessing as mp
 
-    from test_distributed import free_port
+    from conftest import free_port
 
     if not supports(spec, 2):
         pytest.skip(f"{spec} does not train on 2 modalities")
