@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 # the demo needs the package alone; the tests also need the test extra (media decoders, transformers)
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
-DEMO_ARGS := --dataset avdigits --methods 'all,joint[model.fusion=mfb],ogm_ge[model.fusion=mfb],joint[pretrain=contrastive]' --seeds 0,1,2 --workers 2
+DEMO_ARGS := --dataset avdigits --methods 'all,joint[model.fusion=mfb],ogm_ge[model.fusion=mfb],joint[pretrain=contrastive],modulate[method.modulate.actuator=loss_weight],modulate[method.modulate.actuator=feature_drop]' --seeds 0,1,2 --workers 2
 
 .PHONY: demo check-demo test test-slow bench-overhead bench-startup clean-venv
 

@@ -404,7 +404,7 @@ def test_modulation_window_is_inclusive():
 
 def test_scores_are_reduced_across_ranks_before_the_coefficients(monkeypatch):
     """A stand-in for another rank whose visual scores are far higher must flip the decision."""
-    import poise.methods.ogm as distributed  # the method passes this reducer to confidence_scores
+    import poise.methods.modulation as distributed  # its confidence estimator passes this reducer to confidence_scores
 
     model, batch = _conv_and_mlp_model()
     method = make_method("ogm")

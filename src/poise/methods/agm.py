@@ -5,7 +5,6 @@ over the run is slowed, one that is less confident is sped up."""
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -13,8 +12,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from poise.functional.shapley import agm_coefficients, shapley_responses
+from poise.functional.shapley import agm_coefficients
 from poise.methods.base import Method, MethodParams
+from poise.methods.modulation import shapley_outputs
 from poise.train.distributed import all_reduce_sum
 
 if TYPE_CHECKING:
@@ -79,21 +79,8 @@ class AGM(Method):
     def responses(self, full: Tensor, batch: MultimodalBatch, grad: bool) -> dict[str, Tensor]:
         """Every modality's Shapley response: ``full`` is the output on every modality; the outputs on the
         other subsets come from masked passes in eval mode (their norm statistics stay untouched)."""
-        ctx = self.ctx
-        assert ctx is not None
-        model = ctx.model
-        outputs = {frozenset(self._modalities): full}
-        sizes = range(0 if self.params.empty == "output" else 1, len(self._modalities))
-        was_training = model.training
-        model.eval()
-        try:
-            for size in sizes:
-                for subset in itertools.combinations(self._modalities, size):
-                    drop = [m for m in self._modalities if m not in subset]
-                    outputs[frozenset(subset)] = ctx.masked_forward(batch, drop, level="input", grad=grad).logits
-        finally:
-            model.train(was_training)
-        return shapley_responses(outputs, self._modalities, self.params.empty)
+        assert self.ctx is not None
+        return shapley_outputs(self.ctx, self._modalities, full, batch, self.params.empty, grad)
 
     def coefficients(self, responses: dict[str, Tensor], batch: MultimodalBatch) -> Tensor:
         """``k_m`` from this batch's scores (over every process, present samples only) and their running

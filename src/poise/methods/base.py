@@ -129,6 +129,12 @@ class Method:
         such a decision would be taken once per micro-batch, so the trainer refuses the set-up."""
         return None
 
+    def acts_at(self, hook: str) -> bool:
+        """Whether the method acts on the training at ``hook`` (a combination refuses two methods that act
+        at the same hook). Default: the hook is overridden; a method whose options choose where it acts
+        (``modulate``'s actuator) says so itself."""
+        return getattr(type(self), hook) is not getattr(Method, hook)
+
     def setup(self, ctx: TrainContext) -> None:
         self.ctx = ctx
 

@@ -36,7 +36,7 @@ ACTS_ON = {
 
 
 def acts_on(method: Method, hook: str) -> bool:
-    return getattr(type(method), hook) is not getattr(Method, hook)
+    return method.acts_at(hook)
 
 
 class Combined(Method):
@@ -90,6 +90,10 @@ class Combined(Method):
         for p in self.parts:
             p.check(info, modalities, fusion)
 
+    def per_batch_decision(self) -> str | None:
+        reasons = [f"{p.name} {r}" for p in self.parts if (r := p.per_batch_decision()) is not None]
+        return "; ".join(reasons) or None
+
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
         for p in self.parts:
@@ -130,9 +134,15 @@ class Combined(Method):
 
     # ---- records and state -----------------------------------------------------------------------
     def pop_records(self) -> dict[str, float]:
+        """Every part's records; a name that several parts record is prefixed with each part's name."""
         out = super().pop_records()
-        for p in self.parts:
-            out.update(p.pop_records())
+        by_part = [(p.name, p.pop_records()) for p in self.parts]
+        seen: dict[str, int] = {}
+        for _, records in by_part:
+            for k in records:
+                seen[k] = seen.get(k, 0) + 1
+        for name, records in by_part:
+            out.update({(f"{name}/{k}" if seen[k] > 1 else k): v for k, v in records.items()})
         return out
 
     def records_state(self) -> dict[str, Tensor]:

@@ -19,10 +19,10 @@ from poise.functional.extensions import (
     modality_dropout_mask,
     modality_dropout_scale,
     uncertainty_weighted_loss,
-    weak_boost_coefficients,
 )
 from poise.functional.teachers import feature_distillation_losses
 from poise.methods.base import Method, MethodParams, StepPlan
+from poise.methods.modulation import Modulated, separate_param_groups
 from poise.methods.teachers import check_checkpoints, unimodal_models, validation_accuracy
 from poise.train.distributed import all_reduce_sum
 
@@ -31,25 +31,6 @@ if TYPE_CHECKING:
     from poise.data.batch import MultimodalBatch
     from poise.models.model import ModelOutput
     from poise.train.context import TrainContext
-
-
-def separate_param_groups(optimizer: torch.optim.Optimizer, groups: dict[str, list[nn.Parameter]]) -> dict[str, list[dict]]:
-    """Move each named list of parameters out of the optimizer's groups into groups of its own, each
-    copying the hyperparameters of the group its parameters came from, so that their learning rate
-    can be changed alone. Optimizer state is keyed by parameter and is kept. Returns name -> the new
-    groups (empty for parameters the optimizer does not hold, e.g. frozen ones)."""
-    out: dict[str, list[dict]] = {}
-    for name, params in groups.items():
-        ids = {id(p) for p in params}
-        out[name] = []
-        for source in list(optimizer.param_groups):
-            moved = [p for p in source["params"] if id(p) in ids]
-            if not moved:
-                continue
-            source["params"] = [p for p in source["params"] if id(p) not in ids]
-            optimizer.add_param_group({**{k: v for k, v in source.items() if k != "params"}, "params": moved})
-            out[name].append(optimizer.param_groups[-1])
-    return out
 
 
 class _ModulationWindow(MethodParams):
@@ -82,57 +63,24 @@ class BoostWeakParams(_ModulationWindow):
     )
 
 
-class BoostWeak(Method):
+class BoostWeak(Modulated):
     """The mirror image of OGM: instead of slowing the dominant encoder, raise the weak encoder's
     update by ``k = 1 + tanh(alpha * relu(1 / rho_m - 1))`` (``= 1 + tanh(alpha * relu(rho_dom - 1))`` for
-    two modalities), from the unimodal confidence ratios of the batch. No noise is added."""
+    two modalities), from the unimodal confidence ratios of the batch. No noise is added. The confidence
+    estimator, the boost-weak direction and the gradient (or learning-rate) actuator of
+    :mod:`poise.methods.modulation`, scaling every parameter of the weak encoder."""
 
     name = "boost_weak"
     Params: ClassVar[type[MethodParams]] = BoostWeakParams
-    min_modalities = 2
-    per_batch_decisions = True
     params: BoostWeakParams
+    estimator = "confidence"
+    direction = "boost_weak"
+    modulated_parameters = "all"
 
-    def setup(self, ctx: TrainContext) -> None:
-        super().setup(ctx)
-        self._encoder_groups: dict[str, list[dict]] = {}
-        self._scheduled_lr: list[tuple[dict, float]] = []
-        if self.params.mode == "lr":
-            # each encoder in a param group of its own; the scheduled learning rate is put back right
-            # after every optimizer step, so the scheduler only ever sees (and decays) scheduled values
-            self._encoder_groups = separate_param_groups(
-                ctx.optimizer, {m: ctx.model.modality_parameters(m) for m in ctx.model.modalities}
-            )
-            ctx.optimizer.register_step_post_hook(self._restore_learning_rates)
-
-    def after_backward(self, output: ModelOutput, batch: MultimodalBatch) -> None:
-        assert self.ctx is not None
-        if not self.params.active(self.ctx.epoch):
-            return
-        coefficients, ratios = weak_boost_coefficients(
-            output.unimodal_logits, batch.labels, self.params.alpha, batch.present, self.params.targets, all_reduce_sum
-        )
-        for m, k in coefficients.items():
-            self.record(f"coef/{m}", k)
-            self.record(f"ratio/{m}", ratios[m])
-        if self.params.mode == "grad":
-            for m, k in coefficients.items():
-                for p in self.ctx.model.modality_parameters(m):
-                    if p.grad is not None:
-                        p.grad.mul_(k)
-            return
-        # a step the fp16 gradient scaler skipped never ran the restoring hook: restore first
-        self._restore_learning_rates(self.ctx.optimizer, (), {})
-        for m, groups in self._encoder_groups.items():
-            k = float(coefficients[m])  # optimizers take a Python-float learning rate: one sync per step
-            for group in groups:
-                self._scheduled_lr.append((group, group["lr"]))
-                group["lr"] = group["lr"] * k
-
-    def _restore_learning_rates(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for group, lr in self._scheduled_lr:
-            group["lr"] = lr
-        self._scheduled_lr.clear()
+    def component(self, kind: str) -> str:
+        if kind == "actuator":
+            return self.params.mode
+        return super().component(kind)
 
 
 # ---- uncertainty -----------------------------------------------------------------------------------

@@ -14,20 +14,17 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from poise.errors import IncompatibleError
 from poise.functional.confidence import confidence_scores
 from poise.functional.ogm import (
-    modulate_gradients,
-    modulation_coefficients,
     opm_drop_probabilities,
     opm_feature_scale,
     opm_keep_mask,
     opm_loss_rows,
     opm_theta,
-    select_modulated_parameters,
     stack_ratios,
 )
 from poise.methods.base import Method, MethodParams, StepPlan
+from poise.methods.modulation import Modulated
 from poise.train.distributed import all_reduce_sum, rank
 
 if TYPE_CHECKING:
@@ -36,7 +33,6 @@ if TYPE_CHECKING:
     from poise.train.context import TrainContext
 
 # offsets that keep the method's random streams apart from each other and from the run's own seed
-_NOISE_STREAM = 7_001
 _COIN_STREAM = 7_013
 _MASK_STREAM = 7_027
 
@@ -77,67 +73,28 @@ class OGMParams(MethodParams):
             )
         return self
 
+    def active(self, epoch: int) -> bool:
+        return self.modulation_starts <= epoch <= self.modulation_ends
 
-class OGM(Method):
+
+class OGM(Modulated):
     """On-the-fly gradient modulation: after the backward pass, the gradients of each dominant
     modality's encoder are multiplied by ``k_m < 1`` (GE variant: plus Gaussian noise on every
-    modulated tensor of every encoder)."""
+    modulated tensor of every encoder). The confidence estimator, the slow-dominant direction and the
+    gradient actuator of :mod:`poise.methods.modulation`."""
 
     name = "ogm"
     Params: ClassVar[type[MethodParams]] = OGMParams
-    min_modalities = 2
-    per_batch_decisions = True
-    #: add the generalisation-enhancement noise
-    ge_noise: ClassVar[bool] = False
-
-    def __init__(self, params: MethodParams | dict[str, Any] | None = None, **kwargs: Any):
-        super().__init__(params, **kwargs)
-        self._groups: list[list[nn.Parameter]] = []
-        self._modalities: tuple[str, ...] = ()
-        self._noise_generator: torch.Generator | None = None
-
-    def setup(self, ctx: TrainContext) -> None:
-        super().setup(ctx)
-        model = _unwrap(ctx.model)
-        self._modalities = tuple(model.modalities)
-        self._groups = []
-        for m in self._modalities:
-            group = select_modulated_parameters(model.encoders[m], self.params.params)
-            if not group:
-                raise IncompatibleError(
-                    f"method '{self.name}' with params={self.params.params} modulates no parameter of modality '{m}' "
-                    f"(its {type(model.encoders[m]).__name__} has no "
-                    f"{'4-D conv weights' if self.params.params == 'conv' else 'trainable weight tensors'}); "
-                    "use params=weights"
-                )
-            self._groups.append(group)
-        # Same seed on every rank: after DDP's all-reduce the gradients agree, and so must the noise.
-        self._noise_generator = self.add_state(
-            "noise_generator", torch.Generator(device=ctx.device).manual_seed(ctx.seed * 1_000_003 + _NOISE_STREAM))
-
-    def active(self, epoch: int) -> bool:
-        return self.params.modulation_starts <= epoch <= self.params.modulation_ends
-
-    def after_backward(self, output: ModelOutput, batch: MultimodalBatch) -> None:
-        assert self.ctx is not None, "setup() must run before training"
-        if not self.active(self.ctx.epoch):
-            return
-        unimodal = {m: output.unimodal_logits[m] for m in self._modalities}
-        scores = confidence_scores(unimodal, batch.labels, batch.present, reduce=all_reduce_sum)
-        ratios = stack_ratios(scores)
-        coefficients = modulation_coefficients(ratios, self.params.alpha, self.params.continuous)
-        modulate_gradients(self._groups, coefficients, noise=self.ge_noise, generator=self._noise_generator)
-        for i, m in enumerate(self._modalities):
-            self.record(f"ratio/{m}", ratios[i])
-            self.record(f"coef/{m}", coefficients[i])
-
+    estimator = "confidence"
+    direction = "slow_dominant"
+    actuator = "grad"
 
 
 class OGMGE(OGM):
     """OGM with generalisation enhancement: ``g <- k_m g + N(0, std(g) + 1e-8)`` on every modulated tensor."""
 
     name = "ogm_ge"
-    ge_noise = True
+    actuator = "grad_noise"
 
 
 class OPMParams(MethodParams):
