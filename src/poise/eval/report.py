@@ -43,24 +43,68 @@ def modalities_of(results: dict) -> list[str]:
     return list(seen)
 
 
+def family_of(spec: str) -> str:
+    """What a results row's method acts on (``poise.methods.base.FAMILIES``): ``ogm_ge[model.fusion=mfb]`` ->
+    ``gradients``; a combination ``a+b`` -> its parts' families joined by `` + ``; ``other`` for a name that
+    is not registered (results of another poise)."""
+    from poise.methods.registry import METHODS
+
+    families: dict[str, None] = {}
+    for part in spec.partition("[")[0].split("+"):
+        name = part.strip().partition(":")[0]
+        families[getattr(METHODS[name], "family", "other") if name in METHODS else "other"] = None
+    return " + ".join(families)
+
+
+def grouped_by_family(results: dict) -> list[tuple[str, list[tuple[str, list[dict]]]]]:
+    """The rows of ``group_runs`` grouped by family: the families in ``FAMILIES`` order, then any other
+    (combinations, unregistered names) in order of appearance; within a family, the order of the results."""
+    from poise.methods.base import FAMILIES
+
+    groups: dict[str, list[tuple[str, list[dict]]]] = defaultdict(list)
+    for method, runs in group_runs(results).items():
+        groups[family_of(method)].append((method, runs))
+    order = [f for f in FAMILIES if f in groups] + [f for f in groups if f not in FAMILIES]
+    return [(f, groups[f]) for f in order]
+
+
+def time_vs_joint(results: dict) -> dict[str, float]:
+    """Per row, its mean training seconds over those of ``joint`` in the same results (empty without a
+    ``joint`` row): wall clock, so only comparable within one bench on one machine."""
+    groups = group_runs(results)
+    if "joint" not in groups:
+        return {}
+    joint, _ = mean_std([r["train_seconds"] for r in groups["joint"]])
+    if not joint > 0:
+        return {}
+    return {method: mean_std([r["train_seconds"] for r in runs])[0] / joint for method, runs in groups.items()}
+
+
 def summary_table(results: dict) -> str:
     """Markdown: per method, fused accuracy and macro-F1, per-modality probe and head accuracy (mean ± std
-    over seeds, in %), training seconds."""
+    over seeds, in %), training seconds and their ratio to ``joint``'s; the rows grouped by family (what the
+    method acts on), each group under a row naming it when there are several."""
     mods = modalities_of(results)
-    head = ["method", "seeds", "accuracy", "macro-F1"] + [f"probe {m}" for m in mods] + [f"head {m}" for m in mods] + ["train s"]
+    head = ["method", "seeds", "accuracy", "macro-F1"] + [f"probe {m}" for m in mods] + [f"head {m}" for m in mods] + ["train s", "time vs joint"]
     released = has_test_selected(results)
     if released:
         head.append("test-selected accuracy (released protocol)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, runs in group_runs(results).items():
-        row = [method, str(len(runs)), _fmt([r["test"]["accuracy"] for r in runs]), _fmt([r["test"]["macro_f1"] for r in runs])]
-        row += [_fmt([r["test"]["probe_accuracy"].get(m, float("nan")) for r in runs]) for m in mods]
-        row += [_fmt([r["test"]["unimodal_accuracy"].get(m, float("nan")) for r in runs]) for m in mods]
-        m_s, _ = mean_std([r["train_seconds"] for r in runs])
-        row.append(f"{m_s:.1f}")
-        if released:
-            row.append(_fmt([(r.get("released_test_selected") or {}).get("accuracy", float("nan")) for r in runs]))
-        lines.append("| " + " | ".join(row) + " |")
+    ratios = time_vs_joint(results)
+    families = grouped_by_family(results)
+    for family, rows in families:
+        if len(families) > 1:
+            lines.append("| " + " | ".join([f"**{family}**"] + [""] * (len(head) - 1)) + " |")
+        for method, runs in rows:
+            row = [method, str(len(runs)), _fmt([r["test"]["accuracy"] for r in runs]), _fmt([r["test"]["macro_f1"] for r in runs])]
+            row += [_fmt([r["test"]["probe_accuracy"].get(m, float("nan")) for r in runs]) for m in mods]
+            row += [_fmt([r["test"]["unimodal_accuracy"].get(m, float("nan")) for r in runs]) for m in mods]
+            m_s, _ = mean_std([r["train_seconds"] for r in runs])
+            row.append(f"{m_s:.1f}")
+            row.append(f"{ratios[method]:.2f}×" if method in ratios else "-")
+            if released:
+                row.append(_fmt([(r.get("released_test_selected") or {}).get("accuracy", float("nan")) for r in runs]))
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -130,6 +174,8 @@ def write_report(results: dict, out: Path) -> Path:
         *([TEST_SELECTED_NOTE] if has_test_selected(results) else []),
         "`probe m`: frozen linear probe on modality m's encoder features (trained on the train split).",
         "`head m`: accuracy of the model's own unimodal logits for m.",
+        "`time vs joint`: the row's mean training seconds over `joint`'s (wall clock, this machine and load).",
+        "Rows are grouped by what the method acts on (`family`), each group under a row naming it.",
         "",
         summary_table(results),
         "",

@@ -88,6 +88,7 @@ class BoostWeak(Method):
     two modalities), from the unimodal confidence ratios of the batch. No noise is added."""
 
     name = "boost_weak"
+    family = "gradients"
     Params: ClassVar[type[MethodParams]] = BoostWeakParams
     min_modalities = 2
     per_batch_decisions = True
@@ -153,6 +154,7 @@ class UncertaintyWeighting(Method):
     model (own param group, no weight decay). Prediction: the fused logits."""
 
     name = "uncertainty"
+    family = "losses"
     Params: ClassVar[type[MethodParams]] = UncertaintyParams
     min_modalities = 2
     params: UncertaintyParams
@@ -256,6 +258,7 @@ class Distill(Method):
     with the highest validation accuracy teaches."""
 
     name = "distill"
+    family = "losses"
     Params: ClassVar[type[MethodParams]] = DistillParams
     min_modalities = 2
     params: DistillParams
@@ -370,6 +373,7 @@ class ModalityDropout(Method):
     is dropped at evaluation."""
 
     name = "modality_dropout"
+    family = "features"
     Params: ClassVar[type[MethodParams]] = ModalityDropoutParams
     min_modalities = 2
     params: ModalityDropoutParams

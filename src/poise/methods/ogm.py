@@ -84,6 +84,7 @@ class OGM(Method):
     modulated tensor of every encoder)."""
 
     name = "ogm"
+    family = "gradients"
     Params: ClassVar[type[MethodParams]] = OGMParams
     min_modalities = 2
     per_batch_decisions = True
@@ -164,6 +165,7 @@ class OPM(Method):
     skipped. Evaluation never drops."""
 
     name = "opm"
+    family = "features"
     Params: ClassVar[type[MethodParams]] = OPMParams
     min_modalities = 2
 

@@ -51,6 +51,7 @@ class PMR(Method):
     ``beta_m = alpha`` for a modality whose prototype ratio ``rho_m`` is below 1 (slow), else 0."""
 
     name = "pmr"
+    family = "losses"
     Params: ClassVar[type[MethodParams]] = PMRParams
     min_modalities = 2
 

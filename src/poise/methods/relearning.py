@@ -35,6 +35,7 @@ class Relearning(Method):
     """Diagnose each modality by its train/validation clustering-purity gap and re-initialise its encoder."""
 
     name = "relearning"
+    family = "gradients"  # re-initialisation edits the encoders' weights, as an update does
     Params: ClassVar[type[MethodParams]] = RelearningParams
     min_modalities = 2
 
