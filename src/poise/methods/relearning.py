@@ -96,5 +96,6 @@ class Relearning(Method):
             reinitialise(model.modality_parameters(m), self.ctx.snapshots[_SNAPSHOT.format(m)], alpha)
             self.record(f"purity_train/{m}", p_train)
             self.record(f"purity_val/{m}", p_val)
+            self.record(f"purity_gap/{m}", p_train - p_val)
             self.record(f"alpha/{m}", alpha)
         self.times += 1
