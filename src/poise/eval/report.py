@@ -484,6 +484,8 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
 
 #: the folder of a bench's per-method decision plots
 DECISIONS_DIR = "decisions"
+#: quantities of one method drawn on one y-range in its decision plot (two sides of one comparison)
+SAME_RANGE = (("purity_train", "purity_val"), ("distance_own", "distance_other"))
 
 
 def decision_plot_name(method: str) -> str:
@@ -518,6 +520,7 @@ def write_decision_plots(results: dict, out: Path) -> list[str]:
                    **dict(zip(others, palette(len(mods) + len(others))[len(mods):]))}
         # the phase of each epoch, from the first run (a schedule: the same in every seed)
         phases = [h.get("phase") for h in runs[0]["history"]]
+        epochs = max(len(r["history"]) for r in runs)
         names = list(dict.fromkeys(p for p in phases if p is not None))
         shades = dict(zip(names, [plt.get_cmap("Pastel1")(i % 9) for i in range(len(names))]))
         cols = min(3, len(quantities))
@@ -528,7 +531,7 @@ def write_decision_plots(results: dict, out: Path) -> list[str]:
         for ax, (quantity, qkeys) in zip(axes.flat, quantities.items()):
             for epoch, phase in enumerate(phases):
                 if phase is not None:
-                    ax.axvspan(epoch - 0.5, epoch + 0.5, color=shades[phase], lw=0, zorder=0)
+                    ax.axvspan(epoch - 0.5, epoch + 0.5, color=shades[phase], alpha=0.5, lw=0, zorder=0)
             for key in qkeys:
                 values = _series(runs, lambda h, k=key: h["method"].get(k))
                 if values is not None:
@@ -536,9 +539,18 @@ def write_decision_plots(results: dict, out: Path) -> list[str]:
                     _band(ax, values, colours[name], name if name != quantity else None)
             ax.set_title(quantity)
             ax.set_xlabel("epoch")
+            ax.set_xlim(-0.5, epochs - 0.5)  # every panel on the run's whole epoch axis
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(textwrap.fill(quantity_label(method, quantity), 34))
             ax.grid(alpha=0.3)
+        panels = dict(zip(quantities, axes.flat))
+        for group in SAME_RANGE:
+            same = [panels[q] for q in group if q in panels]
+            if len(same) > 1:
+                low = min(ax.get_ylim()[0] for ax in same)
+                high = max(ax.get_ylim()[1] for ax in same)
+                for ax in same:
+                    ax.set_ylim(low, high)
         handles, labels = {}, []
         for ax in axes.flat:
             for h, lab in zip(*ax.get_legend_handles_labels()):
