@@ -29,8 +29,8 @@ def _readme(tmp_path, table):
 def test_equal_tables_pass_and_wall_clock_seconds_are_ignored(tmp_path, capsys):
     results = tmp_path / "results.json"
     results.write_text(json.dumps(_results()))
-    table = summary_table(_results()).replace("| 1.5 |", "| 9.9 |")
-    assert "| 9.9 |" in table
+    table = summary_table(_results()).replace("| 1.5 |", "| 9.9 |").replace("| 2.00× |", "| 3.00× |")
+    assert "| 9.9 |" in table and "| 3.00× |" in table
     assert check.main([str(results), "--readme", str(_readme(tmp_path, table))]) == 0
 
 
@@ -66,3 +66,25 @@ def test_the_readme_has_the_markers_and_the_make_target_runs_the_demo_command():
     assert check.cells(text[start:end])[0][0] == "method"
     makefile = (ROOT / "Makefile").read_text()
     assert "check-demo:" in makefile and "scripts/check_readme_demo.py" in makefile
+
+
+def test_rows_are_grouped_by_family_under_a_row_naming_it_with_their_time_against_joint():
+    def run(method, seconds):
+        return {"method": method, "seed": 0, "train_seconds": seconds,
+                "test": {"accuracy": 0.5, "macro_f1": 0.5, "unimodal_accuracy": {}, "probe_accuracy": {}}}
+    results = {"dataset": "d", "runs": [run("pmr", 3.0), run("ogm", 2.0), run("joint", 4.0), run("mmpareto", 6.0),
+                                        run("ogm_ge+modality_dropout", 5.0), run("joint[model.fusion=mfb]", 1.0)]}
+    rows = check.cells(summary_table(results))
+    header = rows[0]
+    assert header[-2:] == ["train s", "time vs joint"]
+    assert [r[0] for r in rows[1:]] == ["**baseline**", "joint", "joint[model.fusion=mfb]", "**gradients**", "ogm",
+                                        "mmpareto", "**losses**", "pmr", "**gradients + features**",
+                                        "ogm_ge+modality_dropout"]
+    ratio = {r[0]: r[-1] for r in rows[1:]}
+    assert ratio == {"**baseline**": "", "joint": "1.00×", "joint[model.fusion=mfb]": "0.25×", "**gradients**": "",
+                     "ogm": "0.50×", "mmpareto": "1.50×", "**losses**": "", "pmr": "0.75×",
+                     "**gradients + features**": "", "ogm_ge+modality_dropout": "1.25×"}
+    assert all(len(r) == len(header) for r in rows)
+    without_joint = {"dataset": "d", "runs": [run("pmr", 3.0), run("pmr", 2.0)]}
+    rows = check.cells(summary_table(without_joint))
+    assert [r[0] for r in rows[1:]] == ["pmr"] and rows[1][-1] == "-"  # one family: no row naming it

@@ -73,3 +73,7 @@ def test_the_cli_trains_a_combination_with_each_parts_options(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["method"] == "ogm_ge+modality_dropout"
     assert any(k.startswith("coef/") for k in result["history"][0]["method"])
+
+
+def test_a_combination_names_the_families_of_its_parts():
+    assert make_method("ogm_ge+modality_dropout").family == "gradients + features"

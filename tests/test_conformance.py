@@ -15,6 +15,8 @@ import torch
 from conftest import fast_config, synthetic
 from poise.errors import IncompatibleError
 from poise.methods import METHODS, make_method
+from poise.methods.base import FAMILIES
+from poise.methods.registry import BASELINES
 from poise.train import Trainer
 
 #: options that keep each method's start-up work (teachers, estimation runs) small
@@ -238,3 +240,13 @@ def test_method_trains_or_refuses_at_start(spec, case):
     assert same_state(fresh.state_dict(), state)
     if state and not same_state(untrained, state):
         assert not same_state(untrained, fresh.state_dict())
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_declares_its_family(name):
+    """The reports group methods by what they act on: every registered class names one family itself
+    (the base class has none to inherit), and only the baselines are 'baseline'."""
+    cls = METHODS[name]
+    family = getattr(cls, "family", None)
+    assert family in FAMILIES, f"{cls.__name__}.family is {family!r}; expected one of {', '.join(FAMILIES)}"
+    assert (family == "baseline") == (name in BASELINES)

@@ -67,6 +67,13 @@ def test_only_the_slow_modality_gets_the_prototypical_term():
                      for i in range(len(batch))])
     assert float(terms["pce_visual"].detach()) == pytest.approx(float(F.cross_entropy(d.detach(), batch.labels)), rel=1e-4)
     assert float(terms["pce_audio"].detach()) == 0.0 and "entropy_audio" not in terms
+    # the recorded distances of that batch: to the sample's own class prototype, and the mean to the others
+    records = method.pop_records()
+    C, d = len(proto), d.detach()
+    own = [-float(d[i, int(batch.labels[i])]) for i in range(len(batch))]
+    other = [-sum(float(d[i, k]) for k in range(C) if k != int(batch.labels[i])) / (C - 1) for i in range(len(batch))]
+    assert records["distance_own/visual"] == pytest.approx(sum(own) / len(own), rel=1e-5)
+    assert records["distance_other/visual"] == pytest.approx(sum(other) / len(other), rel=1e-5)
 
 
 @pytest.mark.parametrize(("modalities", "missing", "options"),

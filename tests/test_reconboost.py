@@ -76,6 +76,8 @@ def test_phases_freeze_the_other_encoders_and_learners_join():
     assert not all(torch.equal(a, b) for a, b in zip(w1["visual"], w2["visual"]))
     assert l0 == [] and method.learners == ["audio", "visual"]
     assert [h["method"]["learners"] for h in result.history] == [1.0, 1.0, 2.0, 2.0]
+    # each epoch's entry names the phase it trained in (the decision plot shades them)
+    assert [h["phase"] for h in result.history] == ["boost/audio", "rectify", "boost/visual", "rectify"]
 
 
 def test_three_modalities_missing_resume_fp16_and_accumulation(tmp_path):

@@ -80,6 +80,7 @@ def test_reinitialises_on_schedule_towards_the_initial_weights():
     r = records[1]
     alpha = r["alpha/audio"]
     assert alpha == pytest.approx(math.tanh(3.0 * abs(r["purity_train/audio"] - r["purity_val/audio"])))
+    assert r["purity_gap/audio"] == pytest.approx(r["purity_train/audio"] - r["purity_val/audio"])
     _, before, after = calls[1]
     initial = method.ctx.snapshots["relearning/initial/audio"]
     for b, a, p0 in zip(before, after, initial):

@@ -157,7 +157,7 @@ def expand_methods(spec: str, modalities: tuple[str, ...]) -> list[str]:
 
 #: what a bench leaves in its folder (what --overwrite clears)
 BENCH_OUTPUTS = ("results.json", "report.md", "runs", "unimodal_accuracy.png", "confidence_ratio.png",
-                 "method_records.png", "eval_test.json", "eval_test.md", "eval_val.json", "eval_val.md")
+                 "method_records.png", "eval_test.json", "eval_test.md", "eval_val.json", "eval_val.md", "decisions")
 
 
 def run_folder(out: Path, name: str, seed: int) -> Path:

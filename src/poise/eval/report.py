@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -43,24 +45,68 @@ def modalities_of(results: dict) -> list[str]:
     return list(seen)
 
 
+def family_of(spec: str) -> str:
+    """What a results row's method acts on (``poise.methods.base.FAMILIES``): ``ogm_ge[model.fusion=mfb]`` ->
+    ``gradients``; a combination ``a+b`` -> its parts' families joined by `` + ``; ``other`` for a name that
+    is not registered (results of another poise)."""
+    from poise.methods.registry import METHODS
+
+    families: dict[str, None] = {}
+    for part in spec.partition("[")[0].split("+"):
+        name = part.strip().partition(":")[0]
+        families[getattr(METHODS[name], "family", "other") if name in METHODS else "other"] = None
+    return " + ".join(families)
+
+
+def grouped_by_family(results: dict) -> list[tuple[str, list[tuple[str, list[dict]]]]]:
+    """The rows of ``group_runs`` grouped by family: the families in ``FAMILIES`` order, then any other
+    (combinations, unregistered names) in order of appearance; within a family, the order of the results."""
+    from poise.methods.base import FAMILIES
+
+    groups: dict[str, list[tuple[str, list[dict]]]] = defaultdict(list)
+    for method, runs in group_runs(results).items():
+        groups[family_of(method)].append((method, runs))
+    order = [f for f in FAMILIES if f in groups] + [f for f in groups if f not in FAMILIES]
+    return [(f, groups[f]) for f in order]
+
+
+def time_vs_joint(results: dict) -> dict[str, float]:
+    """Per row, its mean training seconds over those of ``joint`` in the same results (empty without a
+    ``joint`` row): wall clock, so only comparable within one bench on one machine."""
+    groups = group_runs(results)
+    if "joint" not in groups:
+        return {}
+    joint, _ = mean_std([r["train_seconds"] for r in groups["joint"]])
+    if not joint > 0:
+        return {}
+    return {method: mean_std([r["train_seconds"] for r in runs])[0] / joint for method, runs in groups.items()}
+
+
 def summary_table(results: dict) -> str:
     """Markdown: per method, fused accuracy and macro-F1, per-modality probe and head accuracy (mean ± std
-    over seeds, in %), training seconds."""
+    over seeds, in %), training seconds and their ratio to ``joint``'s; the rows grouped by family (what the
+    method acts on), each group under a row naming it when there are several."""
     mods = modalities_of(results)
-    head = ["method", "seeds", "accuracy", "macro-F1"] + [f"probe {m}" for m in mods] + [f"head {m}" for m in mods] + ["train s"]
+    head = ["method", "seeds", "accuracy", "macro-F1"] + [f"probe {m}" for m in mods] + [f"head {m}" for m in mods] + ["train s", "time vs joint"]
     released = has_test_selected(results)
     if released:
         head.append("test-selected accuracy (released protocol)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, runs in group_runs(results).items():
-        row = [method, str(len(runs)), _fmt([r["test"]["accuracy"] for r in runs]), _fmt([r["test"]["macro_f1"] for r in runs])]
-        row += [_fmt([r["test"]["probe_accuracy"].get(m, float("nan")) for r in runs]) for m in mods]
-        row += [_fmt([r["test"]["unimodal_accuracy"].get(m, float("nan")) for r in runs]) for m in mods]
-        m_s, _ = mean_std([r["train_seconds"] for r in runs])
-        row.append(f"{m_s:.1f}")
-        if released:
-            row.append(_fmt([(r.get("released_test_selected") or {}).get("accuracy", float("nan")) for r in runs]))
-        lines.append("| " + " | ".join(row) + " |")
+    ratios = time_vs_joint(results)
+    families = grouped_by_family(results)
+    for family, rows in families:
+        if len(families) > 1:
+            lines.append("| " + " | ".join([f"**{family}**"] + [""] * (len(head) - 1)) + " |")
+        for method, runs in rows:
+            row = [method, str(len(runs)), _fmt([r["test"]["accuracy"] for r in runs]), _fmt([r["test"]["macro_f1"] for r in runs])]
+            row += [_fmt([r["test"]["probe_accuracy"].get(m, float("nan")) for r in runs]) for m in mods]
+            row += [_fmt([r["test"]["unimodal_accuracy"].get(m, float("nan")) for r in runs]) for m in mods]
+            m_s, _ = mean_std([r["train_seconds"] for r in runs])
+            row.append(f"{m_s:.1f}")
+            row.append(f"{ratios[method]:.2f}×" if method in ratios else "-")
+            if released:
+                row.append(_fmt([(r.get("released_test_selected") or {}).get("accuracy", float("nan")) for r in runs]))
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -109,6 +155,7 @@ def write_report(results: dict, out: Path) -> Path:
     """report.md: how the bench was run (command, versions, threads, configuration), the table and the plots."""
     plots, notes = write_plots(results, out)
     plots += write_learning_curves(results, out)
+    decisions = write_decision_plots(results, out)
     env = results.get("environment") or {}
     command = results.get("command")
     threads = sorted({str(r.get("config", {}).get("trainer", {}).get("threads", "not recorded"))
@@ -130,6 +177,8 @@ def write_report(results: dict, out: Path) -> Path:
         *([TEST_SELECTED_NOTE] if has_test_selected(results) else []),
         "`probe m`: frozen linear probe on modality m's encoder features (trained on the train split).",
         "`head m`: accuracy of the model's own unimodal logits for m.",
+        "`time vs joint`: the row's mean training seconds over `joint`'s (wall clock, this machine and load).",
+        "Rows are grouped by what the method acts on (`family`), each group under a row naming it.",
         "",
         summary_table(results),
         "",
@@ -140,6 +189,11 @@ def write_report(results: dict, out: Path) -> Path:
     for name in plots:
         text += [f"![{name}]({name})", ""]
     text += [f"- {note}" for note in notes] + ([""] if notes else [])
+    if decisions:
+        text += ["## What each method decided, per epoch", "",
+                 "Every quantity a method records, one file per method (lines: mean over seeds; bands: ± one "
+                 "sample std; dots: values recorded in some epochs only; shading: the method's training phases):",
+                 "", *(f"- [{name}]({name})" for name in decisions), ""]
     text += _configuration_section(results)
     path = out / "report.md"
     from poise.io import atomic_write_text
@@ -175,6 +229,21 @@ def _curves(runs: list[dict], getter) -> np.ndarray | None:
     return None if values is None else _mean_and_spread(values)[0]
 
 
+def _band(ax, values: np.ndarray, color, label, linestyle: str = "-", positive: bool = False) -> None:
+    """The mean over runs per epoch as a line, ± one sample std as a band. A value recorded in some epochs
+    only (a diagnosis every K epochs, a phase) is drawn as dots at those epochs, joined by the line."""
+    mean, std = _mean_and_spread(values)
+    x = np.arange(len(mean))
+    recorded = ~np.isnan(mean)
+    sparse = not recorded.all()
+    x, mean, std = x[recorded], mean[recorded], std[recorded]
+    ax.plot(x, mean, color=color, linestyle=linestyle, label=label, lw=1.5, marker="o" if sparse else None, ms=3.5)
+    low = mean - std
+    if positive:  # a log axis has no room below zero
+        low = np.where(low > 0, low, mean * 0.5)
+    ax.fill_between(x, low, mean + std, color=color, alpha=0.2, lw=0)
+
+
 def palette(n: int) -> list:
     """``n`` distinct colours (no colour twice up to 60): tab10, then tab20, then tab20 with tab20b and tab20c."""
     from matplotlib import colormaps
@@ -205,7 +274,42 @@ QUANTITIES = {
     "owm/trace": "trace of the OWM projection P (unitless)",
     "owm/head_grad_ratio": "projected / raw head gradient norm (unitless)",
     "fusion_weight": "test-time fusion weight (unitless)",
+    "cos_true": "cosine of features and true-class weights (unitless)",
+    "distance_own": "distance to own class's prototype (feature units)",
+    "distance_other": "mean distance to other classes' prototypes (feature units)",
+    "cos": "cosine of multimodal and unimodal gradients (unitless)",
+    "weight_uni": "weight of the unimodal gradient (unitless)",
+    "conflict": "steps with conflicting gradients (fraction)",
+    "score": "cross-entropy of the Shapley response (nats)",
+    "trace": "Fisher trace of the epoch (sum of mean squared gradients)",
+    "trace_slope": "slope k of the Fisher trace (unitless)",
+    "window": "steps inside the prime learning window (fraction)",
+    "purity_train": "k-means purity, training split (fraction)",
+    "purity_val": "k-means purity, validation split (fraction)",
+    "purity_gap": "purity gap, training - validation (fraction)",
+    "alpha": "re-initialisation strength α (fraction)",
+    "phi": "mean Shapley value φ (unitless)",
+    "copies": "extra samples in the next epoch (count)",
+    "stage": "boosting stage (count)",
+    "boost_rate": "ensemble scale b (unitless)",
+    "learners": "learners in the ensemble (count)",
+    "ga": "alignment (GA) loss (squared probability)",
 }
+#: a quantity whose name means another thing in one method than in ``QUANTITIES``
+METHOD_QUANTITIES = {
+    ("pmr", "ratio"): "prototype confidence ratio ρ (unitless)",
+    ("pmr", "beta"): "weight β of the prototypical CE (unitless)",
+    ("inforeg", "beta"): "proximal strength β (unitless)",
+}
+
+
+def quantity_label(method: str, quantity: str) -> str:
+    """The y-axis label of ``quantity`` recorded by results row ``method`` (a variant or combination too)."""
+    for part in method.partition("[")[0].split("+"):
+        label = METHOD_QUANTITIES.get((part.strip().partition(":")[0], quantity))
+        if label is not None:
+            return label
+    return QUANTITIES.get(quantity, f"{quantity} (as recorded)")
 #: quantities that mean the same in every method that records them, so their panels share a y-range
 #: (a ``weight`` is G-Blend's blending weight in one method and a learned loss weight in another)
 COMPARABLE = ("coef", "ratio", "fusion_weight", "drop_rate")
@@ -249,15 +353,7 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
             ax.axis("off")
         return fig, list(axes.flat)
 
-    def band(ax, values, color, label, linestyle="-", positive=False):
-        mean, std = _mean_and_spread(values)
-        x = np.arange(len(mean))
-        ax.plot(x, mean, color=color, linestyle=linestyle, label=label, lw=1.5)
-        low = mean - std
-        if positive:  # a log axis has no room below zero
-            low = np.where(low > 0, low, mean * 0.5)
-        ax.fill_between(x, low, mean + std, color=color, alpha=0.2, lw=0)
-
+    band = _band
     def epochs_axis(ax):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -366,7 +462,7 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
                     band(ax, values, series_colours[name], name if name != quantity else None)
                 epochs_axis(ax)
             ax.set_title(f"{method}: {quantity}")
-            ax.set_ylabel(QUANTITIES.get(quantity, f"{quantity} (as recorded)"))
+            ax.set_ylabel(quantity_label(method, quantity))
             ax.grid(alpha=0.3)
         by_quantity: dict[str, list] = {}
         for ax, (_, quantity, _) in zip(axes, panels):
@@ -384,6 +480,101 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
                      "± one sample standard deviation. Panels of the same quantity (gradient coefficients, confidence ratios, ...) share their y-range.")
     notes.insert(0, f"unimodal_accuracy.png: {band_note} Every panel has the same y-range.")
     return written, notes
+
+
+#: the folder of a bench's per-method decision plots
+DECISIONS_DIR = "decisions"
+#: quantities of one method drawn on one y-range in its decision plot (two sides of one comparison)
+SAME_RANGE = (("purity_train", "purity_val"), ("distance_own", "distance_other"))
+
+
+def decision_plot_name(method: str) -> str:
+    """``decisions/<method>.png`` with every character but letters, digits and ``._+-`` as ``_``."""
+    return f"{DECISIONS_DIR}/{re.sub(r'[^A-Za-z0-9._+-]', '_', method)}.png"
+
+
+def write_decision_plots(results: dict, out: Path) -> list[str]:
+    """decisions/<method>.png for every results row whose method records what it decides: one panel per
+    quantity (every one of them), one line per series (modality), mean over seeds with ± one sample std;
+    values recorded in some epochs only as dots; the epochs shaded by the training phase the method set
+    (``set_phase``: ReconBoost's boosting and rectification). Returns the files written, relative to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    written: list[str] = []
+    mods = modalities_of(results)
+    for method, runs in group_runs(results).items():
+        keys = sorted({k for r in runs for h in r["history"] for k in h["method"]})
+        if not keys:
+            continue
+        quantities: dict[str, list[str]] = {}
+        for key in keys:
+            quantities.setdefault(split_record(key)[0], []).append(key)
+        series = list(dict.fromkeys(split_record(k)[1] for k in keys))
+        others = [n for n in series if n not in mods]
+        colours = {**dict(zip(mods, palette(len(mods)))),
+                   **dict(zip(others, palette(len(mods) + len(others))[len(mods):]))}
+        # the phase of each epoch, from the first run (a schedule: the same in every seed)
+        phases = [h.get("phase") for h in runs[0]["history"]]
+        epochs = max(len(r["history"]) for r in runs)
+        names = list(dict.fromkeys(p for p in phases if p is not None))
+        shades = dict(zip(names, [plt.get_cmap("Pastel1")(i % 9) for i in range(len(names))]))
+        cols = min(3, len(quantities))
+        rows = math.ceil(len(quantities) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows + 0.7), squeeze=False)
+        for ax in axes.flat[len(quantities):]:
+            ax.axis("off")
+        for ax, (quantity, qkeys) in zip(axes.flat, quantities.items()):
+            for epoch, phase in enumerate(phases):
+                if phase is not None:
+                    ax.axvspan(epoch - 0.5, epoch + 0.5, color=shades[phase], alpha=0.5, lw=0, zorder=0)
+            for key in qkeys:
+                values = _series(runs, lambda h, k=key: h["method"].get(k))
+                if values is not None:
+                    name = split_record(key)[1]
+                    _band(ax, values, colours[name], name if name != quantity else None)
+            ax.set_title(quantity)
+            ax.set_xlabel("epoch")
+            ax.set_xlim(-0.5, epochs - 0.5)  # every panel on the run's whole epoch axis
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(textwrap.fill(quantity_label(method, quantity), 34))
+            ax.grid(alpha=0.3)
+        panels = dict(zip(quantities, axes.flat))
+        for group in SAME_RANGE:
+            same = [panels[q] for q in group if q in panels]
+            if len(same) > 1:
+                low = min(ax.get_ylim()[0] for ax in same)
+                high = max(ax.get_ylim()[1] for ax in same)
+                for ax in same:
+                    ax.set_ylim(low, high)
+        handles, labels = {}, []
+        for ax in axes.flat:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in handles:
+                    handles[lab] = h
+                    labels.append(lab)
+        for phase in names:
+            handles[f"phase {phase}"] = Patch(color=shades[phase])
+            labels.append(f"phase {phase}")
+        seeds = f"{len(runs)} seed{'s' * (len(runs) > 1)}"
+        fig.suptitle(f"{method}: what it decided per epoch ({seeds}; lines: mean, bands: ± one sample std)",
+                     fontsize=10)
+        fig.tight_layout()
+        if labels:
+            fig.legend([handles[lab] for lab in labels], labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                       ncol=min(len(labels), 6), frameon=False)
+        name = decision_plot_name(method)
+        (out / DECISIONS_DIR).mkdir(parents=True, exist_ok=True)
+        tmp = out / f"{name}.tmp.png"
+        fig.savefig(tmp, dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        tmp.replace(out / name)
+        written.append(name)
+    return written
 
 
 def write_learning_curves(results: dict, out: Path) -> list[str]:

@@ -54,6 +54,7 @@ def _scale_gradient(x: Tensor, k: Tensor) -> Tensor:
 
 class AGM(Method):
     name = "agm"
+    family = "gradients"
     Params: ClassVar[type[MethodParams]] = AGMParams
     min_modalities = 2
 

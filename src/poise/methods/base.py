@@ -74,8 +74,14 @@ class StepPlan:
     feature_scale: dict[str, Tensor] | Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor] | None] | None = None
 
 
+#: what a method acts on, which groups the methods in the reports' tables (``baseline``: joint, unimodal)
+FAMILIES = ("baseline", "gradients", "losses", "features", "data", "architecture", "test-time fusion")
+
+
 class Method:
     name: ClassVar[str] = "method"
+    #: one of ``FAMILIES``; every registered method declares it (the conformance test checks it)
+    family: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
     #: fewest / most modalities the method supports (None: no upper bound)
     min_modalities: ClassVar[int] = 1

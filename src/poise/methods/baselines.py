@@ -12,6 +12,7 @@ class Joint(Method):
     """Cross-entropy on the fused logits: the naive multimodal baseline every paper starts from."""
 
     name = "joint"
+    family = "baseline"
 
 
 class UnimodalParams(MethodParams):
@@ -23,6 +24,7 @@ class Unimodal(Method):
     Registered as ``unimodal:<modality>``."""
 
     name = "unimodal"
+    family = "baseline"
     Params: ClassVar[type[MethodParams]] = UnimodalParams
 
     @property

@@ -51,6 +51,8 @@ class Combined(Method):
             raise IncompatibleError(f"'{'+'.join(names)}' names a method twice")
         self.parts = parts
         self.name = "+".join(names)  # type: ignore[misc]
+        families = list(dict.fromkeys(getattr(p, "family", "unclassified") for p in parts))
+        self.family = " + ".join(families)  # type: ignore[misc]
         self._owner: dict[str, Method | None] = {}
         for hook, what in ACTS_ON.items():
             owners = [p for p in parts if acts_on(p, hook)]

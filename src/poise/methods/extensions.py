@@ -71,6 +71,7 @@ class BoostWeak(Modulated):
     :mod:`poise.methods.modulation`, scaling every parameter of the weak encoder."""
 
     name = "boost_weak"
+    family = "gradients"
     Params: ClassVar[type[MethodParams]] = BoostWeakParams
     params: BoostWeakParams
     estimator = "confidence"
@@ -101,6 +102,7 @@ class UncertaintyWeighting(Method):
     model (own param group, no weight decay). Prediction: the fused logits."""
 
     name = "uncertainty"
+    family = "losses"
     Params: ClassVar[type[MethodParams]] = UncertaintyParams
     min_modalities = 2
     params: UncertaintyParams
@@ -204,6 +206,7 @@ class Distill(Method):
     with the highest validation accuracy teaches."""
 
     name = "distill"
+    family = "losses"
     Params: ClassVar[type[MethodParams]] = DistillParams
     min_modalities = 2
     params: DistillParams
@@ -318,6 +321,7 @@ class ModalityDropout(Method):
     is dropped at evaluation."""
 
     name = "modality_dropout"
+    family = "features"
     Params: ClassVar[type[MethodParams]] = ModalityDropoutParams
     min_modalities = 2
     params: ModalityDropoutParams

@@ -192,6 +192,7 @@ class GradientBlending(Method):
     weights estimated from each head's generalisation and overfitting on held-out training data."""
 
     name = "gblend"
+    family = "losses"
     Params: ClassVar[type[MethodParams]] = GBlendParams
     min_modalities = 2
 

@@ -46,6 +46,7 @@ class InfoReg(Method):
     """Regulate the dominant modality during the prime learning window with a proximal gradient term."""
 
     name = "inforeg"
+    family = "gradients"
     Params: ClassVar[type[MethodParams]] = InfoRegParams
     min_modalities = 2
     fusions = ("concat", "sum")

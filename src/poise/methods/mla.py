@@ -166,6 +166,7 @@ class MLA(Method):
     on the samples that have it and only present modalities are fused."""
 
     name = "mla"
+    family = "gradients"
     min_modalities = 2
     Params: ClassVar[type[MethodParams]] = MLAParams
     default_fusion = "shared"

@@ -32,6 +32,7 @@ class MMCosine(Method):
     """Fused logits ``s * sum_m cos(x_m, W_m[k])`` (no bias), ``W_m`` modality m's slice of the concat head."""
 
     name = "mmcosine"
+    family = "losses"
     Params: ClassVar[type[MethodParams]] = MMCosineParams
     min_modalities = 2
     fusions = ("concat",)

@@ -34,6 +34,7 @@ class MMPareto(Method):
     own); the encoders get the Pareto-integrated gradient, every other parameter the summed one."""
 
     name = "mmpareto"
+    family = "gradients"
     Params: ClassVar[type[MethodParams]] = MMParetoParams
     min_modalities = 2
     multiple_backward = True

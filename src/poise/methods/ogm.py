@@ -84,6 +84,7 @@ class OGM(Modulated):
     gradient actuator of :mod:`poise.methods.modulation`."""
 
     name = "ogm"
+    family = "gradients"
     Params: ClassVar[type[MethodParams]] = OGMParams
     estimator = "confidence"
     direction = "slow_dominant"
@@ -121,6 +122,7 @@ class OPM(Method):
     skipped. Evaluation never drops."""
 
     name = "opm"
+    family = "features"
     Params: ClassVar[type[MethodParams]] = OPMParams
     min_modalities = 2
 

@@ -51,6 +51,7 @@ class PMR(Method):
     ``beta_m = alpha`` for a modality whose prototype ratio ``rho_m`` is below 1 (slow), else 0."""
 
     name = "pmr"
+    family = "losses"
     Params: ClassVar[type[MethodParams]] = PMRParams
     min_modalities = 2
 
@@ -138,6 +139,13 @@ class PMR(Method):
             self.record(f"ratio/{m}", ratios[i])
             r = rows[m]
             n = r.sum().clamp_min(1)
+            # what the ratio is made of: the present samples' distance to their class's prototype and
+            # the mean distance to the other classes' prototypes
+            distances = -logits[m].detach().float()
+            own = distances.gather(1, batch.labels.view(-1, 1)).squeeze(1)
+            other = (distances.sum(1) - own) / max(distances.shape[1] - 1, 1)
+            self.record(f"distance_own/{m}", (own * r).sum() / n)
+            self.record(f"distance_other/{m}", (other * r).sum() / n)
             if modulate:
                 beta = self.params.alpha * (ratios[i] < 1).float()
                 # over the present rows only: a missing sample's zero features say nothing about m

@@ -41,6 +41,7 @@ class ReconBoost(Method):
     """Alternate boosting of one modality's learner with rectification of the whole ensemble."""
 
     name = "reconboost"
+    family = "losses"
     Params: ClassVar[type[MethodParams]] = ReconBoostParams
     min_modalities = 2
     default_fusion = "shared"

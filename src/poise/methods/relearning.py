@@ -35,6 +35,7 @@ class Relearning(Method):
     """Diagnose each modality by its train/validation clustering-purity gap and re-initialise its encoder."""
 
     name = "relearning"
+    family = "gradients"  # re-initialisation edits the encoders' weights, as an update does
     Params: ClassVar[type[MethodParams]] = RelearningParams
     min_modalities = 2
 
@@ -95,5 +96,6 @@ class Relearning(Method):
             reinitialise(model.modality_parameters(m), self.ctx.snapshots[_SNAPSHOT.format(m)], alpha)
             self.record(f"purity_train/{m}", p_train)
             self.record(f"purity_val/{m}", p_val)
+            self.record(f"purity_gap/{m}", p_train - p_val)
             self.record(f"alpha/{m}", alpha)
         self.times += 1

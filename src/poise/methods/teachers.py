@@ -157,6 +157,7 @@ class UMT(Method):
     accuracy is recorded once, at setup, as ``teacher_val_accuracy/<modality>``."""
 
     name = "umt"
+    family = "losses"
     Params: ClassVar[type[MethodParams]] = UMTParams
     min_modalities = 2
 
@@ -229,6 +230,7 @@ class UME(Method):
     """
 
     name = "ume"
+    family = "test-time fusion"
     Params: ClassVar[type[MethodParams]] = UMEParams
     min_modalities = 2
     default_fusion = "sum"

@@ -66,6 +66,7 @@ class Valuation(Method):
     """Resample the training split by each modality's Shapley contribution (sample or modality level)."""
 
     name = "valuation"
+    family = "data"
     Params: ClassVar[type[MethodParams]] = ValuationParams
     min_modalities = 2
 

@@ -410,6 +410,7 @@ class Trainer:
                                      val["head_loss"] if val is not None else {}),
                     "method": self._reduce_records(method.pop_records()),
                     "seconds": time.perf_counter() - epoch_start,
+                    **({"phase": self.ctx.phase} if self.ctx.phase is not None else {}),  # set_phase's name
                 }
                 if released:  # the papers' code picks its epoch on these; poise keeps them apart, under their own key
                     entry["test_every_epoch"] = evaluate_split(model, method, test_loader, self.splits.info.num_classes,
