@@ -59,6 +59,9 @@ from poise.functional.relearning import (
 from poise.functional.valuation import modality_copies, sample_copies, sample_shapley_values
 from poise.functional.reconboost import boosting_loss, ga_loss, reconboost_schedule
 from poise.functional.inforeg import add_proximal_gradient, fisher_trace, inforeg_coefficients, prime_window_slope
+from poise.functional.mbsd import mbsd_alignment, mbsd_distillation_kl, mbsd_released_kl, mbsd_sample_weights
+from poise.functional.amco import amco_class_mask, amco_mask_fraction, amco_softmax_mass
+from poise.functional.arl import arl_dependence_weights, logit_magnitude
 
 __all__ = [
     "confidence_ratios",
@@ -128,4 +131,13 @@ __all__ = [
     "boosting_loss",
     "ga_loss",
     "reconboost_schedule",
+    "mbsd_alignment",
+    "mbsd_distillation_kl",
+    "mbsd_released_kl",
+    "mbsd_sample_weights",
+    "amco_class_mask",
+    "amco_mask_fraction",
+    "amco_softmax_mass",
+    "arl_dependence_weights",
+    "logit_magnitude",
 ]

@@ -21,6 +21,9 @@ from poise.methods.modulation import Modulate
 from poise.methods.ogm import OGM, OGMGE, OPM
 from poise.methods.pmr import PMR
 from poise.methods.teachers import UME, UMT
+from poise.methods.mbsd import MBSD
+from poise.methods.amco import AMCo
+from poise.methods.arl import ARL
 from poise.registry import Registry
 
 def _name_is_key(key: str, cls: type[Method]) -> None:
@@ -53,6 +56,9 @@ METHODS: Registry[type[Method]] = Registry(
         "valuation": Valuation,
         "reconboost": ReconBoost,
         "modulate": Modulate,
+        "mbsd": MBSD,
+        "amco": AMCo,
+        "arl": ARL,
     },
     check=_name_is_key,
 )
