@@ -59,6 +59,22 @@ from poise.functional.relearning import (
 from poise.functional.valuation import modality_copies, sample_copies, sample_shapley_values
 from poise.functional.reconboost import boosting_loss, ga_loss, reconboost_schedule
 from poise.functional.inforeg import add_proximal_gradient, fisher_trace, inforeg_coefficients, prime_window_slope
+from poise.functional.greedy import (
+    apply_gate,
+    conditional_learning_speeds,
+    mmtm,
+    mmtm_gates,
+    rebalance_target,
+    squared_norm_ratio,
+    squeeze,
+)
+from poise.functional.dimml import (
+    confidence_weighted_logits,
+    decoupled_dimensions,
+    dimension_decoupled_contrastive,
+    dimension_discriminability,
+    discriminative_dimensions,
+)
 
 __all__ = [
     "confidence_ratios",
@@ -128,4 +144,16 @@ __all__ = [
     "boosting_loss",
     "ga_loss",
     "reconboost_schedule",
+    "apply_gate",
+    "conditional_learning_speeds",
+    "mmtm",
+    "mmtm_gates",
+    "rebalance_target",
+    "squared_norm_ratio",
+    "squeeze",
+    "confidence_weighted_logits",
+    "decoupled_dimensions",
+    "dimension_decoupled_contrastive",
+    "dimension_discriminability",
+    "discriminative_dimensions",
 ]

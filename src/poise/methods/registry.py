@@ -21,6 +21,8 @@ from poise.methods.ogm import OGM, OGMGE, OPM
 from poise.methods.pmr import PMR
 from poise.methods.teachers import UME, UMT
 from poise.registry import Registry
+from poise.methods.greedy import Greedy
+from poise.methods.dimml import DIMML
 
 def _name_is_key(key: str, cls: type[Method]) -> None:
     if cls.name != key:
@@ -51,6 +53,8 @@ METHODS: Registry[type[Method]] = Registry(
         "relearning": Relearning,
         "valuation": Valuation,
         "reconboost": ReconBoost,
+        "greedy": Greedy,
+        "dimml": DIMML,
     },
     check=_name_is_key,
 )
