@@ -18,9 +18,9 @@ from poise.functional.greedy import (
     squeeze,
 )
 from poise.methods import make_method
-from poise.models.encoders import ConvEncoder, MLPEncoder, TokenEncoder, is_staged
+from poise.models.encoders import ConvEncoder, MLPEncoder, SequenceEncoder, TokenEncoder, is_staged
 from poise.models.midfusion import MMTMFusion, build_mmtm
-from poise.models.resnet import ResNet18Encoder
+from poise.models.resnet import ResNet18Encoder, TextEncoder
 from poise.train import Trainer
 
 
@@ -106,6 +106,8 @@ def test_learning_speed_hand_values():
 @pytest.mark.parametrize("encoder,x", [
     (lambda: ConvEncoder(ModalitySpec("image", (3, 12, 12)), 8), torch.randn(2, 3, 12, 12)),
     (lambda: MLPEncoder(ModalitySpec("vector", (5,)), 8, depth=3), torch.randn(2, 5)),
+    (lambda: SequenceEncoder(ModalitySpec("sequence", (4, 3)), 8), torch.randn(2, 4, 3)),
+    (lambda: TokenEncoder(ModalitySpec("tokens", (6,), vocab_size=20), 8), torch.randint(0, 20, (2, 6))),
     (lambda: ResNet18Encoder(ModalitySpec("image", (1, 16, 16)), 8), torch.randn(2, 1, 16, 16)),
     (lambda: ResNet18Encoder(ModalitySpec("frames", (2, 3, 16, 16)), 8), torch.randn(2, 2, 3, 16, 16)),
 ])
@@ -122,8 +124,8 @@ def test_staged_encoders_compose_to_their_forward(encoder, x, one_thread):
 
 def test_mmtm_refuses_an_encoder_without_stages_in_one_sentence():
     spec = ModalitySpec("tokens", (6,), vocab_size=20)
-    encoders = {"a": MLPEncoder(ModalitySpec("vector", (4,)), 8), "t": TokenEncoder(spec, 8)}
-    with pytest.raises(IncompatibleError, match=r"^the mmtm mid-fusion needs .* modality 't' uses TokenEncoder[^.]*\)$"):
+    encoders = {"a": MLPEncoder(ModalitySpec("vector", (4,)), 8), "t": TextEncoder(spec, 8, embed_dim=8, layers=1)}
+    with pytest.raises(IncompatibleError, match=r"^the mmtm mid-fusion needs .* modality 't' uses TextEncoder[^.]*\)$"):
         build_mmtm(encoders)
 
 

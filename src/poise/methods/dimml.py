@@ -89,7 +89,8 @@ class DIMML(Method):
         d = dims[self._modalities[0]]
         C = ctx.info.num_classes
         epochs = ctx.config.trainer.epochs
-        self._stage2_epoch = epochs - self.fusion_epochs(epochs)
+        fusion = self.fusion_epochs(epochs)
+        self._stage2_epoch = epochs - fusion if fusion > 0 else None
         self._contrast_epoch = self.contrast_epoch(epochs)
         torch.manual_seed(ctx.seed * 1_000_003 + 9_173)  # the heads' initialisation depends on the run's seed only
         self.shared = nn.Linear(d, C).to(ctx.device)
@@ -141,7 +142,7 @@ class DIMML(Method):
         assert self.ctx is not None
         if epoch >= self._contrast_epoch and not self.have_dimensions:
             self.select_dimensions()
-        if epoch >= self._stage2_epoch and self.stage == 1:
+        if self._stage2_epoch is not None and epoch >= self._stage2_epoch and self.stage == 1:
             self.stage = 2
         self._enter_stage()
         return None

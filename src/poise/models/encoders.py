@@ -132,6 +132,17 @@ class SequenceEncoder(nn.Module):
         out, _ = self.rnn(x.float())
         return self.project(out.mean(dim=1))
 
+    #: one stage: the GRU's outputs as a (B, hidden, T) map
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return (self.rnn.hidden_size,)
+
+    def stage(self, index: int, h: Tensor) -> Tensor:
+        return self.rnn(h.float())[0].transpose(1, 2)
+
+    def readout(self, h: Tensor) -> Tensor:
+        return self.project(h.mean(dim=2))
+
 
 class TokenEncoder(nn.Module):
     """Token ids (T,) -> embedding -> 1-D convolution -> max-pool over time -> ``feature_dim``.
@@ -149,6 +160,17 @@ class TokenEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.relu(self.conv(self.embed(x.long()).transpose(1, 2)))
+        return self.project(h.amax(dim=2))
+
+    #: one stage: the convolution's (B, hidden, T) map
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return (self.conv.out_channels,)
+
+    def stage(self, index: int, h: Tensor) -> Tensor:
+        return torch.relu(self.conv(self.embed(h.long()).transpose(1, 2)))
+
+    def readout(self, h: Tensor) -> Tensor:
         return self.project(h.amax(dim=2))
 
 

@@ -116,7 +116,7 @@ def build_mmtm(encoders: dict[str, nn.Module], **options) -> MMTMFusion:
         if not is_staged(encoder):
             raise IncompatibleError(
                 f"the mmtm mid-fusion needs encoders that expose their intermediate feature maps, and modality "
-                f"'{m}' uses {type(encoder).__name__}, which does not (use conv, mlp or resnet18)"
+                f"'{m}' uses {type(encoder).__name__}, which does not (mlp, conv, sequence, tokens and resnet18 do)"
             )
     return MMTMFusion(encoders, **options)
 
