@@ -107,12 +107,12 @@ DECIDE_PER_STEP = {
     "gblend": {"estimate_epochs": 1}, "umt": {"teacher_epochs": 1},
     "mmcosine": {}, "agm": {}, "inforeg": {}, "relearning": {}, "valuation": {}, "reconboost": {"epochs_per_phase": 1},
     "modulate": {}, "modulate[lr boost]": {"actuator": "lr", "direction": "boost_weak"},
-    "mbsd": {}, "arl": {},
+    "mbsd": {}, "arl": {}, "greedy[at once]": {"start_epoch": 0},
 }
 #: methods that decide per batch (a coin, a ratio, a teacher) or take their own steps: they refuse
 REFUSE = {"opm": {}, "distill": {}, "distill[weakest student]": {"teacher": "audio", "students": "weakest"},
           "mla": {}, "ume": {}, "pmr": {}, "mmpareto": {}, "modulate[loss_weight]": {"actuator": "loss_weight"},
-          "modulate[feature_drop]": {"actuator": "feature_drop"}, "amco": {}}
+          "modulate[feature_drop]": {"actuator": "feature_drop"}, "amco": {}, "dimml": {}}
 #: per-sample random draws: the law of a decision does not depend on how a step is split
 PER_SAMPLE = {"modality_dropout"}
 

@@ -91,6 +91,12 @@ class ModelConfig(_Strict):
     feature_dim: int = Field(64, ge=1, description="size of every encoder's output feature")
     encoders: dict[str, str] = Field(default_factory=dict, description="modality -> encoder name")
     encoder_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="modality -> encoder keyword options")
+    mid_fusion: Literal["none", "mmtm"] | None = Field(
+        None, description="a module between the encoders' stages: mmtm, or none (default: the method's, else none)"
+    )
+    mid_fusion_options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword options of the mid-fusion (mmtm: stages, ratio, gate_scale)"
+    )
 
 
 class RunConfig(_Strict):

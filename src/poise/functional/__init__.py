@@ -62,6 +62,22 @@ from poise.functional.inforeg import add_proximal_gradient, fisher_trace, infore
 from poise.functional.mbsd import mbsd_alignment, mbsd_distillation_kl, mbsd_released_kl, mbsd_sample_weights
 from poise.functional.amco import amco_class_mask, amco_mask_fraction, amco_softmax_mass
 from poise.functional.arl import arl_dependence_weights, logit_magnitude
+from poise.functional.greedy import (
+    apply_gate,
+    conditional_learning_speeds,
+    mmtm,
+    mmtm_gates,
+    rebalance_target,
+    squared_norm_ratio,
+    squeeze,
+)
+from poise.functional.dimml import (
+    confidence_weighted_logits,
+    decoupled_dimensions,
+    dimension_decoupled_contrastive,
+    dimension_discriminability,
+    discriminative_dimensions,
+)
 
 __all__ = [
     "confidence_ratios",
@@ -140,4 +156,16 @@ __all__ = [
     "amco_softmax_mass",
     "arl_dependence_weights",
     "logit_magnitude",
+    "apply_gate",
+    "conditional_learning_speeds",
+    "mmtm",
+    "mmtm_gates",
+    "rebalance_target",
+    "squared_norm_ratio",
+    "squeeze",
+    "confidence_weighted_logits",
+    "decoupled_dimensions",
+    "dimension_decoupled_contrastive",
+    "dimension_discriminability",
+    "discriminative_dimensions",
 ]

@@ -89,6 +89,8 @@ class Method:
     #: fusion used when the configuration names none; ``fusions`` restricts the choice when set
     default_fusion: ClassVar[str] = "concat"
     fusions: ClassVar[tuple[str, ...] | None] = None
+    #: mid-fusion (``poise.models.midfusion``) used when ``model.mid_fusion`` is unset
+    default_mid_fusion: ClassVar[str | None] = None
     #: the method calls ``ctx.optimizer_step()`` itself inside ``backward`` (multi-step methods)
     owns_optimizer_step: ClassVar[bool] = False
     #: the method backpropagates more than once per step (``ctx.backward`` several times, ``ctx.gradients``,

@@ -25,6 +25,8 @@ from poise.methods.mbsd import MBSD
 from poise.methods.amco import AMCo
 from poise.methods.arl import ARL
 from poise.registry import Registry
+from poise.methods.greedy import Greedy
+from poise.methods.dimml import DIMML
 
 def _name_is_key(key: str, cls: type[Method]) -> None:
     if cls.name != key:
@@ -59,6 +61,8 @@ METHODS: Registry[type[Method]] = Registry(
         "mbsd": MBSD,
         "amco": AMCo,
         "arl": ARL,
+        "greedy": Greedy,
+        "dimml": DIMML,
     },
     check=_name_is_key,
 )

@@ -7,6 +7,7 @@ layers.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,26 @@ from poise.data.base import ModalitySpec
 from poise.errors import IncompatibleError
 from poise.models.init import init_weights  # noqa: F401  (also importable from here)
 from poise.registry import Registry
+
+
+class StagedEncoder(Protocol):
+    """An encoder that exposes its intermediate feature maps, for mid-fusion modules (MMTM) that act between
+    the stages of several encoders: ``forward(x) == readout(stage(n - 1, ... stage(1, stage(0, x))))``.
+
+    ``stage_channels[i]``: the channels C_i of the map that ``stage(i, h)`` returns, shaped (B, C_i, *positions)
+    (no positions for vector layers). ``stage(0, x)`` takes the raw input; ``readout`` maps the last stage's
+    map to the (B, feature_dim) features."""
+
+    stage_channels: tuple[int, ...]
+
+    def stage(self, index: int, h: Tensor) -> Tensor: ...
+
+    def readout(self, h: Tensor) -> Tensor: ...
+
+
+def is_staged(encoder: nn.Module) -> bool:
+    """Whether ``encoder`` implements :class:`StagedEncoder`."""
+    return all(hasattr(encoder, name) for name in ("stage_channels", "stage", "readout"))
 
 
 class MLPEncoder(nn.Module):
@@ -29,10 +50,20 @@ class MLPEncoder(nn.Module):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.net = nn.Sequential(nn.Flatten(), *layers)
         self.feature_dim = feature_dim
+        #: stage i is the i-th Linear-ReLU layer (stage 0 also flattens); its map is the (B, width) vector
+        self.stage_channels = tuple(dims[1:])
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.float())
+
+    def stage(self, index: int, h: Tensor) -> Tensor:
+        if index == 0:
+            return self.net[2](self.net[1](self.net[0](h.float())))
+        return self.net[2 * index + 2](self.net[2 * index + 1](h))
+
+    def readout(self, h: Tensor) -> Tensor:
+        return h
 
 
 class ConvEncoder(nn.Module):
@@ -49,7 +80,9 @@ class ConvEncoder(nn.Module):
         channels = spec.shape[0]
         blocks: list[nn.Module] = []
         width = hidden
+        bounds, widths = [], []
         for i in range(depth):
+            start = len(blocks)
             blocks += [
                 nn.Conv2d(channels, width, 3, padding=1, bias=False),
                 nn.BatchNorm2d(width),
@@ -57,14 +90,30 @@ class ConvEncoder(nn.Module):
             ]
             if i < depth - 1:
                 blocks.append(nn.MaxPool2d(2, ceil_mode=True))
+            bounds.append((start, len(blocks)))
+            widths.append(width)
             channels, width = width, width * 2 if i < depth - 1 else width
         self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.project = nn.Sequential(nn.Linear(channels, feature_dim), nn.ReLU())
         self.feature_dim = feature_dim
+        #: stage i is block i (conv-BN-ReLU and its max-pool); a per-channel gate commutes with the max-pool
+        self.stage_channels = tuple(widths)
+        self._stage_bounds = tuple(bounds)
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.project(self.features(x.float()))
+
+    def stage(self, index: int, h: Tensor) -> Tensor:
+        if index == 0:
+            h = h.float()
+        start, end = self._stage_bounds[index]
+        for i in range(start, end):
+            h = self.features[i](h)
+        return h
+
+    def readout(self, h: Tensor) -> Tensor:
+        return self.project(self.features[-1](self.features[-2](h)))
 
 
 class SequenceEncoder(nn.Module):
@@ -83,6 +132,17 @@ class SequenceEncoder(nn.Module):
         out, _ = self.rnn(x.float())
         return self.project(out.mean(dim=1))
 
+    #: one stage: the GRU's outputs as a (B, hidden, T) map
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return (self.rnn.hidden_size,)
+
+    def stage(self, index: int, h: Tensor) -> Tensor:
+        return self.rnn(h.float())[0].transpose(1, 2)
+
+    def readout(self, h: Tensor) -> Tensor:
+        return self.project(h.mean(dim=2))
+
 
 class TokenEncoder(nn.Module):
     """Token ids (T,) -> embedding -> 1-D convolution -> max-pool over time -> ``feature_dim``.
@@ -100,6 +160,17 @@ class TokenEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.relu(self.conv(self.embed(x.long()).transpose(1, 2)))
+        return self.project(h.amax(dim=2))
+
+    #: one stage: the convolution's (B, hidden, T) map
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return (self.conv.out_channels,)
+
+    def stage(self, index: int, h: Tensor) -> Tensor:
+        return torch.relu(self.conv(self.embed(h.long()).transpose(1, 2)))
+
+    def readout(self, h: Tensor) -> Tensor:
         return self.project(h.amax(dim=2))
 
 

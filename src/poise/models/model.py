@@ -35,10 +35,14 @@ FeatureScale = dict[str, Tensor] | Callable[[dict[str, Tensor], dict[str, Tensor
 
 
 class MultimodalModel(nn.Module):
-    def __init__(self, encoders: dict[str, nn.Module], fusion: Fusion):
+    """``mid_fusion`` (optional): a module that runs the encoders together, acting between their stages
+    (``poise.models.midfusion``, e.g. MMTM); its parameters count with the head's."""
+
+    def __init__(self, encoders: dict[str, nn.Module], fusion: Fusion, mid_fusion: nn.Module | None = None):
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
+        self.mid_fusion = mid_fusion
         self.modalities = tuple(encoders)
 
     def modality_parameters(self, modality: str) -> list[nn.Parameter]:
@@ -46,16 +50,20 @@ class MultimodalModel(nn.Module):
         return list(self.encoders[modality].parameters())
 
     def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.fusion.parameters())
+        mid = list(self.mid_fusion.parameters()) if self.mid_fusion is not None else []
+        return list(self.fusion.parameters()) + mid
 
     def encode(self, batch: MultimodalBatch, modalities: tuple[str, ...] | None = None) -> dict[str, Tensor]:
         """Encoder features, zeroed for samples where the modality is missing."""
         features = {}
         columns = batch.modalities
+        present = {m: batch.present[:, columns.index(m)] for m in self.modalities}
+        encoded = None
+        if self.mid_fusion is not None:  # every encoder runs: the mid-fusion mixes them
+            encoded = self.mid_fusion.encode(self.encoders, {m: batch.inputs[m] for m in self.modalities}, present)
         for m in modalities or self.modalities:
-            h = self.encoders[m](batch.inputs[m])
-            j = columns.index(m)
-            features[m] = h * batch.present[:, j: j + 1].to(h.dtype)
+            h = encoded[m] if encoded is not None else self.encoders[m](batch.inputs[m])
+            features[m] = h * present[m].unsqueeze(1).to(h.dtype)
         return features
 
     def forward(self, batch: MultimodalBatch, feature_scale: FeatureScale | None = None) -> ModelOutput:
@@ -90,9 +98,12 @@ def build_model(
     encoders: dict[str, str] | None = None,
     encoder_options: dict[str, dict] | None = None,
     fusion_options: dict[str, Any] | None = None,
+    mid_fusion: str | None = None,
+    mid_fusion_options: dict[str, Any] | None = None,
 ) -> MultimodalModel:
     """Encoders chosen by each modality's kind unless named in ``encoders``; all produce ``feature_dim``.
-    ``fusion_options`` are keyword arguments of the fusion's constructor."""
+    ``fusion_options`` are keyword arguments of the fusion's constructor; ``mid_fusion`` names a module of
+    ``poise.models.midfusion`` (None: none), ``mid_fusion_options`` its keyword arguments."""
     encoders = dict(encoders or {})
     for m in encoders:
         if m not in info.modalities:
@@ -109,7 +120,19 @@ def build_model(
         if key not in valid:
             hint = closest(key, valid) if valid else " (it takes none)"
             raise ConfigError(f"model.fusion_options: fusion '{fusion}' has no option '{key}'{hint}")
-    return MultimodalModel(modules, fusion_cls({m: feature_dim for m in modalities}, info.num_classes, **(fusion_options or {})))
+    fusion_module = fusion_cls({m: feature_dim for m in modalities}, info.num_classes, **(fusion_options or {}))
+    mid = None
+    if mid_fusion is not None:
+        from poise.models.midfusion import MID_FUSIONS, MMTMFusion
+
+        builder = MID_FUSIONS[mid_fusion]
+        valid = [p for p in inspect.signature(MMTMFusion.__init__).parameters if p not in ("self", "encoders")]
+        for key in mid_fusion_options or {}:
+            if key not in valid:
+                raise ConfigError(f"model.mid_fusion_options: mid-fusion '{mid_fusion}' has no option '{key}'"
+                                  f"{closest(key, valid)}")
+        mid = builder(modules, **(mid_fusion_options or {}))
+    return MultimodalModel(modules, fusion_module, mid)
 
 
 def count_parameters(module: nn.Module) -> int:

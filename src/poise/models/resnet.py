@@ -106,6 +106,23 @@ class ResNet18Encoder(nn.Module):
         maps = maps.view(b, t, *maps.shape[1:]).transpose(1, 2)  # (B, 512, T, h, w)
         return self.project(F.adaptive_avg_pool3d(maps, 1).flatten(1))
 
+    #: the four residual stages (the stem runs with the first); frame stacks give (B, C, T, h, w) maps
+    stage_channels = (64, 128, 256, 512)
+
+    def stage(self, index: int, h: Tensor) -> Tensor:
+        trunk = self.trunk
+        t = (h.shape[1] if index == 0 else h.shape[2]) if self.frames else 1
+        if self.frames:  # frames folded into the batch
+            h = h.reshape(-1, *h.shape[2:]) if index == 0 else h.transpose(1, 2).reshape(-1, h.shape[1], *h.shape[3:])
+        if index == 0:
+            h = trunk.layer1(trunk.maxpool(F.relu(trunk.bn1(trunk.conv1(h.float())))))
+        else:
+            h = (trunk.layer2, trunk.layer3, trunk.layer4)[index - 1](h)
+        return h.view(-1, t, *h.shape[1:]).transpose(1, 2) if self.frames else h
+
+    def readout(self, h: Tensor) -> Tensor:
+        return self.project((F.adaptive_avg_pool3d if self.frames else F.adaptive_avg_pool2d)(h, 1).flatten(1))
+
 
 class SinusoidalPositions(nn.Module):
     """Fixed sine/cosine position codes (Vaswani et al.), added to the inputs; any length up to ``max_len``."""

@@ -55,13 +55,16 @@ def run_device(config: RunConfig) -> torch.device:
 
 
 def build_model(config: RunConfig, info: DatasetInfo, modalities: tuple[str, ...], fusion: str,
-                device: torch.device, fusion_options: bool = True) -> MultimodalModel:
+                device: torch.device, fusion_options: bool = True, mid_fusion: str | None = None) -> MultimodalModel:
     """The run's model; ``fusion_options=False`` leaves out ``model.fusion_options`` (a model with another
-    fusion than the configured one)."""
+    fusion than the configured one). ``mid_fusion``: the mid-fusion when ``model.mid_fusion`` is unset
+    (the method's default); ``model.mid_fusion: none`` turns it off."""
     mc = config.model
+    mid = mc.mid_fusion or mid_fusion
     return _build_model(
         info, modalities, fusion, feature_dim=mc.feature_dim, encoders=mc.encoders, encoder_options=mc.encoder_options,
         fusion_options=mc.fusion_options if fusion_options else None,
+        mid_fusion=None if mid in (None, "none") else mid, mid_fusion_options=mc.mid_fusion_options,
     ).to(device)
 
 

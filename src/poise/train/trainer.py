@@ -290,7 +290,8 @@ class Trainer:
     # ---- builders ------------------------------------------------------------------------------
     def build_model(self, modalities: tuple[str, ...] | None = None, fusion: str | None = None) -> MultimodalModel:
         return factory.build_model(self.config, self.splits.info, modalities or self.modalities, fusion or self.fusion,
-                                   self.device, fusion_options=fusion in (None, self.fusion))
+                                   self.device, fusion_options=fusion in (None, self.fusion),
+                                   mid_fusion=self.method.default_mid_fusion)
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         return factory.build_optimizer(self.config, params)
