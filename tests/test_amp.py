@@ -106,10 +106,11 @@ DECIDE_PER_STEP = {
     "boost_weak[lr]": {"mode": "lr"}, "uncertainty": {}, "distill[fixed teacher]": {"teacher": "audio"},
     "gblend": {"estimate_epochs": 1}, "umt": {"teacher_epochs": 1},
     "mmcosine": {}, "agm": {}, "inforeg": {}, "relearning": {}, "valuation": {}, "reconboost": {"epochs_per_phase": 1},
+    "lfm": {}, "lfm[learnable]": {"schedule": "learnable"},
 }
 #: methods that decide per batch (a coin, a ratio, a teacher) or take their own steps: they refuse
 REFUSE = {"opm": {}, "distill": {}, "distill[weakest student]": {"teacher": "audio", "students": "weakest"},
-          "mla": {}, "ume": {}, "pmr": {}, "mmpareto": {}}
+          "mla": {}, "ume": {}, "pmr": {}, "mmpareto": {}, "cggm": {}, "cml": {}}
 #: per-sample random draws: the law of a decision does not depend on how a step is split
 PER_SAMPLE = {"modality_dropout"}
 

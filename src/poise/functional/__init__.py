@@ -59,6 +59,17 @@ from poise.functional.relearning import (
 from poise.functional.valuation import modality_copies, sample_copies, sample_shapley_values
 from poise.functional.reconboost import boosting_loss, ga_loss, reconboost_schedule
 from poise.functional.inforeg import add_proximal_gradient, fisher_trace, inforeg_coefficients, prime_window_slope
+from poise.functional.lfm import (
+    hessian_vector_product,
+    js_divergence,
+    lfm_alpha_lr,
+    lfm_alpha_update,
+    lfm_loss,
+    lfm_schedule,
+    pairwise_alignment,
+)
+from poise.functional.cggm import cggm_coefficients, cggm_direction_loss, gradient_cosines, head_weight_gradient
+from poise.functional.cml import cml_confidence_penalty, prediction_confidence, removal_chain
 
 __all__ = [
     "confidence_ratios",
@@ -128,4 +139,18 @@ __all__ = [
     "boosting_loss",
     "ga_loss",
     "reconboost_schedule",
+    "hessian_vector_product",
+    "js_divergence",
+    "lfm_alpha_lr",
+    "lfm_alpha_update",
+    "lfm_loss",
+    "lfm_schedule",
+    "pairwise_alignment",
+    "cggm_coefficients",
+    "cggm_direction_loss",
+    "gradient_cosines",
+    "head_weight_gradient",
+    "cml_confidence_penalty",
+    "prediction_confidence",
+    "removal_chain",
 ]

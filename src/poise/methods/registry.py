@@ -21,6 +21,9 @@ from poise.methods.ogm import OGM, OGMGE, OPM
 from poise.methods.pmr import PMR
 from poise.methods.teachers import UME, UMT
 from poise.registry import Registry
+from poise.methods.lfm import LFM
+from poise.methods.cggm import CGGM
+from poise.methods.cml import CML
 
 def _name_is_key(key: str, cls: type[Method]) -> None:
     if cls.name != key:
@@ -51,6 +54,9 @@ METHODS: Registry[type[Method]] = Registry(
         "relearning": Relearning,
         "valuation": Valuation,
         "reconboost": ReconBoost,
+        "lfm": LFM,
+        "cggm": CGGM,
+        "cml": CML,
     },
     check=_name_is_key,
 )
