@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from poise.functional.cggm import cggm_coefficients, cggm_direction_loss, gradient_cosines, head_weight_gradient
 from poise.methods.base import Method, MethodParams
 from poise.models.init import init_weights
-from poise.train.distributed import all_reduce_sum, average_gradients
+from poise.train.distributed import all_reduce_sum, average_gradients, world_size
 
 if TYPE_CHECKING:
     from poise.data.batch import MultimodalBatch
@@ -100,8 +100,11 @@ class CGGM(Method):
                 logits = self.classifiers[m](output.features[m].detach().float())
                 correct.append(((logits.argmax(1) == batch.labels) & rows).sum().float())
                 counts.append(rows.sum().float())
+                # a sum over this process's samples divided by the count over every process (times the
+                # number of processes, whose gradients are averaged): the mean over the whole batch
+                total = all_reduce_sum(rows.sum().float()).clamp_min(1)
                 losses.append((F.cross_entropy(logits, batch.labels, reduction="none") * rows).sum()
-                              / rows.sum().clamp_min(1))
+                              * world_size() / total)
             self.classifier_optimizer.zero_grad(set_to_none=True)
             torch.stack(losses).sum().backward()
         params = list(self.classifiers.parameters())
@@ -141,12 +144,22 @@ class CGGM(Method):
                 self.previous_direction.copy_(cggm_direction_loss(coefficients, weight_cosines))
             self.have_direction = True
             return terms
-        fused = [head_weight_gradient(output.logits, batch.labels, output.features[m], batch.present_of(m))
-                 for m in self._modalities]
+        fused = [self.fused_gradient(output, batch, m) for m in self._modalities]
         direction = cggm_direction_loss(coefficients, gradient_cosines(classifier_grads, fused))
         self.record("direction", direction)
         terms["direction"] = self.params.direction_weight * direction
         return terms
+
+    def fused_gradient(self, output: ModelOutput, batch: MultimodalBatch, m: str) -> Tensor:
+        """The fused loss's gradient on ``W_m`` over the batch of every process, up to a positive factor (the
+        cosine ignores it): this process's part is differentiable, the others' are constants; scaled by the
+        number of processes, whose gradients are averaged, so that N processes step as one would."""
+        rows = batch.present_of(m)
+        local = head_weight_gradient(output.logits, batch.labels, output.features[m], rows) * rows.sum().clamp_min(1)
+        n = world_size()
+        if n == 1:
+            return local
+        return all_reduce_sum(local.detach()) + n * (local - local.detach())
 
     def after_backward(self, output: ModelOutput, batch: MultimodalBatch) -> None:
         assert self.ctx is not None
