@@ -108,11 +108,12 @@ DECIDE_PER_STEP = {
     "mmcosine": {}, "agm": {}, "inforeg": {}, "relearning": {}, "valuation": {}, "reconboost": {"epochs_per_phase": 1},
     "modulate": {}, "modulate[lr boost]": {"actuator": "lr", "direction": "boost_weak"},
     "mbsd": {}, "arl": {}, "greedy[at once]": {"start_epoch": 0},
+    "lfm": {}, "lfm[learnable]": {"schedule": "learnable"},
 }
 #: methods that decide per batch (a coin, a ratio, a teacher) or take their own steps: they refuse
 REFUSE = {"opm": {}, "distill": {}, "distill[weakest student]": {"teacher": "audio", "students": "weakest"},
           "mla": {}, "ume": {}, "pmr": {}, "mmpareto": {}, "modulate[loss_weight]": {"actuator": "loss_weight"},
-          "modulate[feature_drop]": {"actuator": "feature_drop"}, "amco": {}, "dimml": {}}
+          "modulate[feature_drop]": {"actuator": "feature_drop"}, "amco": {}, "dimml": {}, "cggm": {}, "cml": {}}
 #: per-sample random draws: the law of a decision does not depend on how a step is split
 PER_SAMPLE = {"modality_dropout"}
 

@@ -78,6 +78,17 @@ from poise.functional.dimml import (
     dimension_discriminability,
     discriminative_dimensions,
 )
+from poise.functional.lfm import (
+    hessian_vector_product,
+    js_divergence,
+    lfm_alpha_lr,
+    lfm_alpha_update,
+    lfm_loss,
+    lfm_schedule,
+    pairwise_alignment,
+)
+from poise.functional.cggm import cggm_coefficients, cggm_direction_loss, gradient_cosines, head_weight_gradient
+from poise.functional.cml import cml_confidence_penalty, prediction_confidence, removal_chain
 
 __all__ = [
     "confidence_ratios",
@@ -168,4 +179,18 @@ __all__ = [
     "dimension_decoupled_contrastive",
     "dimension_discriminability",
     "discriminative_dimensions",
+    "hessian_vector_product",
+    "js_divergence",
+    "lfm_alpha_lr",
+    "lfm_alpha_update",
+    "lfm_loss",
+    "lfm_schedule",
+    "pairwise_alignment",
+    "cggm_coefficients",
+    "cggm_direction_loss",
+    "gradient_cosines",
+    "head_weight_gradient",
+    "cml_confidence_penalty",
+    "prediction_confidence",
+    "removal_chain",
 ]

@@ -27,6 +27,9 @@ from poise.methods.arl import ARL
 from poise.registry import Registry
 from poise.methods.greedy import Greedy
 from poise.methods.dimml import DIMML
+from poise.methods.lfm import LFM
+from poise.methods.cggm import CGGM
+from poise.methods.cml import CML
 
 def _name_is_key(key: str, cls: type[Method]) -> None:
     if cls.name != key:
@@ -63,6 +66,9 @@ METHODS: Registry[type[Method]] = Registry(
         "arl": ARL,
         "greedy": Greedy,
         "dimml": DIMML,
+        "lfm": LFM,
+        "cggm": CGGM,
+        "cml": CML,
     },
     check=_name_is_key,
 )
