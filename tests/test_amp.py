@@ -106,6 +106,7 @@ DECIDE_PER_STEP = {
     "boost_weak[lr]": {"mode": "lr"}, "uncertainty": {}, "distill[fixed teacher]": {"teacher": "audio"},
     "gblend": {"estimate_epochs": 1}, "umt": {"teacher_epochs": 1},
     "mmcosine": {}, "agm": {}, "inforeg": {}, "relearning": {}, "valuation": {}, "reconboost": {"epochs_per_phase": 1},
+    "g2d": {"teacher_epochs": 1}, "remix": {"warmup_epochs": 0},
 }
 #: methods that decide per batch (a coin, a ratio, a teacher) or take their own steps: they refuse
 REFUSE = {"opm": {}, "distill": {}, "distill[weakest student]": {"teacher": "audio", "students": "weakest"},

@@ -73,7 +73,9 @@ AVDIGITS_DEFAULTS: dict[str, Any] = {
                # the released K = 20 of 90 epochs, scaled to these 20 epochs (otherwise it never fires)
                "relearning": {"interval": 5},
                # BalanceBenchmark's one epoch per phase: 10 stages in 20 epochs (the released 4 gives 2.5)
-               "reconboost": {"epochs_per_phase": 1}},
+               "reconboost": {"epochs_per_phase": 1},
+               # the released 10 warm-up epochs of 60, scaled to these 20 epochs
+               "remix": {"warmup_epochs": 3}},
 }
 
 

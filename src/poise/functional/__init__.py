@@ -59,6 +59,8 @@ from poise.functional.relearning import (
 from poise.functional.valuation import modality_copies, sample_copies, sample_shapley_values
 from poise.functional.reconboost import boosting_loss, ga_loss, reconboost_schedule
 from poise.functional.inforeg import add_proximal_gradient, fisher_trace, inforeg_coefficients, prime_window_slope
+from poise.functional.g2d import logit_distillation_loss, smp_coefficients, teacher_confidence_sums
+from poise.functional.remix import kl_from_uniform, remix_assignment, remix_order
 
 __all__ = [
     "confidence_ratios",
@@ -128,4 +130,10 @@ __all__ = [
     "boosting_loss",
     "ga_loss",
     "reconboost_schedule",
+    "logit_distillation_loss",
+    "smp_coefficients",
+    "teacher_confidence_sums",
+    "kl_from_uniform",
+    "remix_assignment",
+    "remix_order",
 ]

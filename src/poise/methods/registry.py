@@ -20,6 +20,8 @@ from poise.methods.mmpareto import MMPareto
 from poise.methods.ogm import OGM, OGMGE, OPM
 from poise.methods.pmr import PMR
 from poise.methods.teachers import UME, UMT
+from poise.methods.g2d import G2D
+from poise.methods.remix import Remix
 from poise.registry import Registry
 
 def _name_is_key(key: str, cls: type[Method]) -> None:
@@ -51,6 +53,8 @@ METHODS: Registry[type[Method]] = Registry(
         "relearning": Relearning,
         "valuation": Valuation,
         "reconboost": ReconBoost,
+        "g2d": G2D,
+        "remix": Remix,
     },
     check=_name_is_key,
 )
