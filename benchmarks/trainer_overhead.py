@@ -45,7 +45,8 @@ from poise.methods.registry import BASELINES, METHODS, make_method
 from poise.train.trainer import Trainer
 
 #: options that make a method modulate from the first step (its defaults wait some epochs)
-ACTIVE_FROM_START = {"opm": {"warmup_epochs": 0}, "greedy": {"start_epoch": 0}, "dimml": {"contrast_epoch": 0, "fusion_epochs": 0}}
+ACTIVE_FROM_START = {"opm": {"warmup_epochs": 0}, "greedy": {"start_epoch": 0}, "dimml": {"contrast_epoch": 0, "fusion_epochs": 0},
+                     "remix": {"warmup_epochs": 0}}
 #: extra variants: name -> (method, options), measured when their method is
 VARIANTS = {"opm[extra_pass]": ("opm", {"warmup_epochs": 0, "extra_pass": True})}
 

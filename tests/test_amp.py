@@ -109,6 +109,7 @@ DECIDE_PER_STEP = {
     "modulate": {}, "modulate[lr boost]": {"actuator": "lr", "direction": "boost_weak"},
     "mbsd": {}, "arl": {}, "greedy[at once]": {"start_epoch": 0},
     "lfm": {}, "lfm[learnable]": {"schedule": "learnable"},
+    "g2d": {"teacher_epochs": 1}, "remix": {"warmup_epochs": 0},
 }
 #: methods that decide per batch (a coin, a ratio, a teacher) or take their own steps: they refuse
 REFUSE = {"opm": {}, "distill": {}, "distill[weakest student]": {"teacher": "audio", "students": "weakest"},

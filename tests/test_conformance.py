@@ -21,7 +21,8 @@ from poise.train import Trainer
 
 #: options that keep each method's start-up work (teachers, estimation runs) small
 FAST_OPTIONS = {"umt": {"teacher_epochs": 1}, "ume": {"member_epochs": 1}, "gblend": {"estimate_epochs": 1},
-                "opm": {"warmup_epochs": 0}, "reconboost": {"epochs_per_phase": 1}}
+                "opm": {"warmup_epochs": 0}, "reconboost": {"epochs_per_phase": 1},
+                "g2d": {"teacher_epochs": 1}, "remix": {"warmup_epochs": 1}}
 
 
 #: methods whose per-sample random masks are drawn by each rank for its own samples: N processes

@@ -79,7 +79,9 @@ AVDIGITS_DEFAULTS: dict[str, Any] = {
                "lfm": {"epoch_scale": 10.0},
                # the released 5e-4 leaves CGGM's classifiers at 4-36 % batch accuracy over these 200 steps, so
                # their accuracy changes are noise; at 0.01 they track the encoders (visual 94 %, audio 53 %)
-               "cggm": {"classifier_lr": 0.01}},
+               "cggm": {"classifier_lr": 0.01},
+               # the released 10 warm-up epochs of 60, scaled to these 20 epochs
+               "remix": {"warmup_epochs": 3}},
 }
 
 

@@ -89,6 +89,8 @@ from poise.functional.lfm import (
 )
 from poise.functional.cggm import cggm_coefficients, cggm_direction_loss, gradient_cosines, head_weight_gradient
 from poise.functional.cml import cml_confidence_penalty, prediction_confidence, removal_chain
+from poise.functional.g2d import logit_distillation_loss, smp_coefficients, teacher_confidence_sums
+from poise.functional.remix import kl_from_uniform, remix_assignment, remix_order
 
 __all__ = [
     "confidence_ratios",
@@ -193,4 +195,10 @@ __all__ = [
     "cml_confidence_penalty",
     "prediction_confidence",
     "removal_chain",
+    "logit_distillation_loss",
+    "smp_coefficients",
+    "teacher_confidence_sums",
+    "kl_from_uniform",
+    "remix_assignment",
+    "remix_order",
 ]

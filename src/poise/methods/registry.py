@@ -24,6 +24,8 @@ from poise.methods.teachers import UME, UMT
 from poise.methods.mbsd import MBSD
 from poise.methods.amco import AMCo
 from poise.methods.arl import ARL
+from poise.methods.g2d import G2D
+from poise.methods.remix import Remix
 from poise.registry import Registry
 from poise.methods.greedy import Greedy
 from poise.methods.dimml import DIMML
@@ -69,6 +71,8 @@ METHODS: Registry[type[Method]] = Registry(
         "lfm": LFM,
         "cggm": CGGM,
         "cml": CML,
+        "g2d": G2D,
+        "remix": Remix,
     },
     check=_name_is_key,
 )
