@@ -306,3 +306,7 @@ def test_tune_report_and_plots(tmp_path):
     assert "+5.00 [+5.00, +5.00] *" in ogm and "1 / 1 / 0" in ogm and "`lr`=0.01" in ogm
     for png in ("accuracy_vs_overhead.png", "trial_history.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"![{png}]({png})" in text
+    (tmp_path / "report.md").unlink()
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(tmp_path)]) == 0  # poise report rewrites a tune folder's own report
+    assert (tmp_path / "report.md").read_text() == text

@@ -475,6 +475,13 @@ def cmd_list(args) -> int:
         print(f"  {name}")
         if not options(cls.Params):
             print("    (no options)")
+        if cls.Params.tunable:
+            print("    poise tune searches: " + ", ".join(f"{cls.Params.model_fields[k].alias or k} {r}"
+                                                      for k, r in cls.Params.tunable.items()))
+    from poise.config import TrainerConfig
+
+    print("\npoise tune also searches, for every method: "
+          + ", ".join(f"trainer.{k} {r}" for k, r in TrainerConfig.tunable.items()))
     print("\nconfig keys (--set KEY=VALUE):")
     for key, default, description in config_keys():
         shown = key if "<" in key else f"{key} = {default!r}"

@@ -279,10 +279,12 @@ def tune_method(dataset: str, spec: str, trials: int, cfg: RunConfig, url: str, 
                        for k, v in trial.params.items()))
 
     if workers <= 1:
-        while _in_budget(study) < trials:
-            trial, trial_cfg = ask()
-            tell(trial, _run_trial(trial, dataset, spec, trial_cfg))
-        return study
+        while True:
+            while _in_budget(study) < trials:
+                trial, trial_cfg = ask()
+                tell(trial, _run_trial(trial, dataset, spec, trial_cfg))
+            if _others_finished(study, owner, log) >= trials:
+                return study
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -294,11 +296,12 @@ def tune_method(dataset: str, spec: str, trials: int, cfg: RunConfig, url: str, 
                 trial, trial_cfg = ask()
                 # the worker reports the trial's epochs and asks the pruner through the storage, by the trial's id
                 running[pool.submit(_worker_trial, url, spec, trial._trial_id, dataset, spec, trial_cfg, epochs)] = trial
-            if not running:
+            if not running and _others_finished(study, owner, log) >= trials:
                 break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                tell(running.pop(future), future.result())
+            if running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    tell(running.pop(future), future.result())
     except BaseException:
         processes = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
@@ -307,6 +310,23 @@ def tune_method(dataset: str, spec: str, trials: int, cfg: RunConfig, url: str, 
         raise
     pool.shutdown()
     return study
+
+
+def _others_finished(study, owner: str, log, poll: float = 5.0) -> int:
+    """Wait until no other tune sharing the storage runs a trial of ``study`` (every tune then chooses from
+    the same finished trials); the trials that count then (a killed tune's are queued again and do not)."""
+    from optuna.trial import TrialState
+
+    told = False
+    while True:
+        _requeue_stale(study, owner)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return _in_budget(study)
+        if not told:
+            log(f"{study.study_name}: waiting for {len(running)} trial(s) of other tunes sharing the storage")
+            told = True
+        time.sleep(poll)
 
 
 def study_summary(study, space: dict[str, Any]) -> dict[str, Any]:
@@ -362,7 +382,12 @@ def run_tune(dataset: str, methods: list[str], trials: int, seeds: list[int], cf
     _quiet_optuna()
     url = storage_url(out, storage)
     spaces = {spec: search_space(spec) for spec in methods}
-    splits_for(dataset, cfg)  # a bad dataset is told before any study is opened
+    from poise.methods.registry import make_method
+    from poise.runs import method_options
+    from poise.train.trainer import Trainer
+
+    for spec in methods:  # a bad dataset or an incompatible method is told before any study is opened
+        Trainer(splits_for(dataset, cfg), make_method(spec, method_options(cfg, spec)), cfg, seed=0, method_name=spec)
     summaries = {}
     for spec in methods:
         start = time.perf_counter()

@@ -66,6 +66,7 @@ def write_tune_plots(results: dict, out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = []
 
@@ -96,7 +97,7 @@ def write_tune_plots(results: dict, out: Path) -> list[str]:
                         markerfacecolor=face or colours[method], label=f"{method} ({label})")
             if label == "tuned":
                 ax.annotate(method, (sec_m, acc_m), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel(f"training time relative to {BASELINE}'s (same configuration kind)" if BASELINE in tuned
+    ax.set_xlabel(f"training seconds / {BASELINE}'s (default / default, tuned / tuned)" if BASELINE in tuned
                   else "training seconds")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("hollow: default configuration; filled: tuned; bars: ± 1 sample std over seeds", fontsize=9)
@@ -124,6 +125,7 @@ def write_tune_plots(results: dict, out: Path) -> list[str]:
             ax.step([n for n, _ in numbers], best, where="post", color="black", lw=1, label="best so far")
         ax.set_title(method)
         ax.set_xlabel("trial")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("validation accuracy (%)")
         ax.yaxis.set_tick_params(labelleft=True)
         ax.grid(alpha=0.3)
