@@ -223,7 +223,6 @@ def test_a_killed_tune_resumes_and_asks_what_an_uninterrupted_one_asks(tmp_path,
     assert [r["test"]["accuracy"] for r in resumed["runs"]] == [r["test"]["accuracy"] for r in whole["runs"]]
 
 
-@pytest.mark.slow  # two spawned worker processes import torch: about 10 s on an idle machine
 def test_parallel_trials_fill_the_budget_exactly(tmp_path):
     from optuna.trial import TrialState
 

@@ -122,7 +122,9 @@ def write_tune_plots(results: dict, out: Path) -> list[str]:
         if done:
             numbers = sorted(done)
             best = np.maximum.accumulate([v for _, v in numbers])
-            ax.step([n for n, _ in numbers], best, where="post", color="black", lw=1, label="best so far")
+            # drawn half a trial past the last one, so that a best found by the last trial shows its step
+            ax.step([n for n, _ in numbers] + [numbers[-1][0] + 0.5], [*best, best[-1]], where="post", color="black",
+                    lw=1, label="best so far")
         ax.set_title(method)
         ax.set_xlabel("trial")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
