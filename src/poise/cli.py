@@ -1,4 +1,4 @@
-"""``poise train | bench | report | pretrain | list``."""
+"""``poise train | bench | report | pretrain | list | tune``."""
 
 from __future__ import annotations
 
@@ -80,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ucf101: optical flow algorithm (default: tvl1 when OpenCV has its contrib modules, else farneback)")
 
     sub.add_parser("list", help="registered datasets, methods, fusions and encoders")
+
+    p = sub.add_parser("tune", help="the same number of trials per method, chosen on validation, then scored on test")
+    _common(p)
+    p.add_argument("--methods", required=True, help="comma list of method names (joint,ogm_ge,mla)")
+    p.add_argument("--trials", type=int, required=True, help="trials per method (every method the same)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the final runs of the default and the chosen configuration")
+    p.add_argument("--out", required=True, help="folder: study.db, results.json, report.md, plots, default/, tuned/")
+    p.add_argument("--workers", type=int, default=1, help="parallel trials (and final runs) on this machine")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="database of the studies, any URL Optuna takes (default: sqlite:///OUT/study.db); "
+                        "machines given the same URL share the studies")
+    p.add_argument("--resume", action="store_true", help="continue a stopped tune in --out (its studies and final runs)")
+    p.add_argument("--overwrite", action="store_true", help="--out holds an earlier tune: delete it and start anew")
     return parser
 
 
@@ -336,6 +349,41 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from poise.bench import check_method_names, expand_methods, split_methods, splits_for
+    from poise.eval.leaderboard import leaderboard_table, write_tune_report
+    from poise.tune import TUNE_OUTPUTS, run_tune
+
+    cfg = _config(args)
+    seeds = _parse_seeds(args.seeds)
+    if "all" in split_methods(args.methods):
+        raise PoiseError("poise tune takes the methods by name (e.g. joint,ogm_ge,mla), not 'all': every method "
+                         "costs --trials runs")
+    check_method_names(args.methods)
+    methods = expand_methods(args.methods, tuple(splits_for(args.dataset, cfg).info.modalities))
+    if args.workers < 1:
+        raise PoiseError(f"--workers must be at least 1, got {args.workers}")
+    out = Path(args.out)
+    _prepare_out(out, args.overwrite, args.resume, "a tune", TUNE_OUTPUTS, clear=False)
+    print(f"tune on {args.dataset}: {len(methods)} methods x {args.trials} trials, then {len(seeds)} seeds each -> {out}",
+          flush=True)
+    try:
+        results = run_tune(args.dataset, methods, args.trials, seeds, cfg, out, workers=args.workers,
+                           storage=args.storage, log=lambda line: print(line, flush=True), overwrite=args.overwrite,
+                           command=shlex.join(["poise", *args.argv]))
+    except KeyboardInterrupt:
+        argv = [a for a in args.argv if a != "--overwrite"]
+        again = shlex.join(["poise", *argv, *([] if "--resume" in argv else ["--resume"])])
+        print(f"poise: interrupted; the finished trials and runs are kept in {out}; continue with: {again}",
+              file=sys.stderr, flush=True)
+        return 130
+    write_tune_report(results, out)
+    print()
+    print(leaderboard_table(results))
+    print(f"\nreport: {out / 'report.md'}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from poise.eval.report import TEST_SELECTED_NOTE, has_test_selected, summary_table, write_report
 
@@ -350,6 +398,12 @@ def cmd_report(args) -> int:
     if not isinstance(results["runs"], list) or not results["runs"]:
         raise PoiseError(f"'{path}' holds no runs: nothing to report (the bench stopped before its first run finished; "
                          "continue it with poise bench ... --resume)")
+    if "tuning" in results:  # a poise tune folder
+        from poise.eval.leaderboard import leaderboard_table, write_tune_report
+
+        write_tune_report(results, Path(args.dir))
+        print(leaderboard_table(results))
+        return 0
     write_report(results, Path(args.dir))
     print(summary_table(results))
     if has_test_selected(results):
@@ -421,6 +475,13 @@ def cmd_list(args) -> int:
         print(f"  {name}")
         if not options(cls.Params):
             print("    (no options)")
+        if cls.Params.tunable:
+            print("    poise tune searches: " + ", ".join(f"{cls.Params.model_fields[k].alias or k} {r}"
+                                                      for k, r in cls.Params.tunable.items()))
+    from poise.config import TrainerConfig
+
+    print("\npoise tune also searches, for every method: "
+          + ", ".join(f"trainer.{k} {r}" for k, r in TrainerConfig.tunable.items()))
     print("\nconfig keys (--set KEY=VALUE):")
     for key, default, description in config_keys():
         shown = key if "<" in key else f"{key} = {default!r}"
@@ -429,7 +490,7 @@ def cmd_list(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "bench": cmd_bench, "report": cmd_report, "pretrain": cmd_pretrain, "list": cmd_list,
-            "prepare": cmd_prepare, "eval": cmd_eval}
+            "prepare": cmd_prepare, "eval": cmd_eval, "tune": cmd_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

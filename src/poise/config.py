@@ -5,8 +5,9 @@ closest valid key."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -16,6 +17,44 @@ from poise.errors import ConfigError, closest
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# What a search may vary in an option (``poise tune``): a class's ``tunable`` ClassVar maps option names to
+# these. ``suggest`` takes an Optuna trial (duck-typed: this module does not import Optuna).
+@dataclass(frozen=True)
+class FloatRange:
+    low: float
+    high: float
+    log: bool = False
+
+    def suggest(self, trial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+    def __str__(self) -> str:
+        return f"[{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
+
+
+@dataclass(frozen=True)
+class IntRange:
+    low: int
+    high: int
+
+    def suggest(self, trial, name: str) -> int:
+        return trial.suggest_int(name, self.low, self.high)
+
+    def __str__(self) -> str:
+        return f"{{{self.low}, ..., {self.high}}}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple
+
+    def suggest(self, trial, name: str):
+        return trial.suggest_categorical(name, list(self.options))
+
+    def __str__(self) -> str:
+        return "{" + ", ".join(map(str, self.options)) + "}"
 
 
 class TrainerConfig(_Strict):
@@ -51,6 +90,9 @@ class TrainerConfig(_Strict):
     dist_backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="process-group backend under torchrun; auto: nccl on CUDA, gloo on CPU"
     )
+
+    #: what ``poise tune`` varies for every method alike (the baseline included)
+    tunable: ClassVar[dict[str, FloatRange | IntRange | Choice]] = {"lr": FloatRange(1e-3, 0.3, log=True)}
 
 
 class DataConfig(_Strict):

@@ -97,10 +97,11 @@ class RunDescription:
 
 def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str | None, threads: int | None = None,
               init_dir: str | None = None, resume: bool = False, name: str | None = None,
-              pretrain: str | None = None, epoch_lines: bool = False) -> dict:
+              pretrain: str | None = None, epoch_lines: bool = False, epoch_callback=None) -> dict:
     """One run; a plain function of plain arguments so that it can run in a worker process. ``cfg_dict``
     is the run's full configuration; ``pretrain`` pre-trains the encoders first (into ``out_dir/pretrain``)
-    and counts that time in ``train_seconds``. The run folder gets ``run.json`` and ``result.json``; a
+    and counts that time in ``train_seconds``; ``epoch_callback(epoch, entry)``: the trainer's per-epoch hook
+    (:class:`~poise.train.trainer.Trainer`). The run folder gets ``run.json`` and ``result.json``; a
     resumed run applies the standardisation statistics its ``run.json`` recorded."""
     import tempfile
     import time
@@ -127,7 +128,7 @@ def train_one(dataset: str, spec: str, cfg_dict: dict, seed: int, out_dir: str |
                 pretrain_seconds = time.perf_counter() - start
         method = make_method(spec, method_options(cfg, spec))
         trainer = Trainer(splits, method, cfg, seed=seed, out_dir=out_dir, method_name=name or spec, init_dir=init_dir,
-                          resume=resume, epoch_lines=epoch_lines)
+                          resume=resume, epoch_lines=epoch_lines, epoch_callback=epoch_callback)
         result = trainer.fit()
     if pretrain_seconds:
         from poise.train.distributed import is_main_process

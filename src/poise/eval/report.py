@@ -127,6 +127,20 @@ def notes_section(results: dict) -> str:
     return "\n".join(["## Modalities that learned nothing", "", *lines])
 
 
+def significance_section(results: dict) -> str:
+    """Markdown: every row's paired difference of test accuracy against ``joint`` with its 95 % interval, or ''
+    when the bench has no ``joint`` row or nothing else."""
+    from poise.eval.significance import BASELINE, SIGNIFICANCE_NOTE, against_baseline, format_difference
+
+    against = against_baseline(group_runs(results))
+    if not against:
+        return ""
+    lines = [f"## Against `{BASELINE}`", "", SIGNIFICANCE_NOTE, "", f"| method | paired seeds | Δ vs {BASELINE} (95 % CI) |",
+             "|---|---|---|"]
+    lines += [f"| {name} | {d['n']} | {format_difference(d)} |" for name, d in against.items()]
+    return "\n".join(lines)
+
+
 def _configuration_section(results: dict) -> list[str]:
     """The first run's configuration in full, and for every other row the keys where its own differs."""
     import json
@@ -183,6 +197,9 @@ def write_report(results: dict, out: Path) -> Path:
         summary_table(results),
         "",
     ]
+    against = significance_section(results)
+    if against:
+        text += [against, ""]
     warnings_text = notes_section(results)
     if warnings_text:
         text += [warnings_text, ""]

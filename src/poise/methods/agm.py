@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from poise.config import FloatRange
 from poise.functional.shapley import agm_coefficients
 from poise.methods.base import Method, MethodParams
 from poise.methods.modulation import shapley_outputs
@@ -38,6 +39,8 @@ class AGMParams(MethodParams):
     clamp: float = Field(10.0, gt=0, description="k_m = exp(alpha * min(r*_m - r_m, clamp)) (released 10; BalanceBenchmark 7)")
     modulation_starts: int = Field(0, ge=0, description="first epoch with modulation (inclusive)")
     modulation_ends: int = Field(1_000_000, ge=0, description="last epoch with modulation (inclusive; released: all)")
+
+    tunable = {"alpha": FloatRange(0.5, 5.0, log=True)}
 
     @model_validator(mode="after")
     def _window(self) -> AGMParams:

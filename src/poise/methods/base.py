@@ -56,9 +56,13 @@ if TYPE_CHECKING:
 
 
 class MethodParams(BaseModel):
-    """Options of a method. Subclasses add fields; unknown keys are refused."""
+    """Options of a method. Subclasses add fields; unknown keys are refused. ``tunable`` declares the
+    options ``poise tune`` searches and their ranges (:class:`poise.config.FloatRange`, ``IntRange``,
+    ``Choice``), keyed by field name."""
 
     model_config = ConfigDict(extra="forbid")
+
+    tunable: ClassVar[dict[str, Any]] = {}
 
 
 @dataclass

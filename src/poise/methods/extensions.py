@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
+from poise.config import FloatRange
 from poise.errors import IncompatibleError, closest
 from poise.functional.extensions import (
     batch_confidence_ratios,
@@ -61,6 +62,8 @@ class BoostWeakParams(_ModulationWindow):
         description="more than two modalities: boost every modality with ratio < 1 by its own gap (below_one) "
         "or only the lowest-ratio one (weakest); identical for two modalities",
     )
+
+    tunable = {"alpha": FloatRange(0.1, 4.0, log=True)}
 
 
 class BoostWeak(Modulated):
@@ -181,6 +184,8 @@ class DistillParams(MethodParams):
         description="offline: weight of the MSE between a learned linear projection of each student's encoder "
         "feature and the teacher's encoder feature (0: no alignment)",
     )
+
+    tunable = {"lambda_": FloatRange(0.1, 4.0, log=True), "temperature": FloatRange(1.0, 8.0, log=True)}
 
     @model_validator(mode="after")
     def _offline_options(self):
@@ -305,6 +310,8 @@ class ModalityDropoutParams(MethodParams):
         0.5, description="drop probability of each modality per sample: one value for all, or modality -> value (others 0)"
     )
     rescale: bool = Field(False, description="multiply kept features by 1 / (1 - p) (inverted dropout)")
+
+    tunable = {"p": FloatRange(0.05, 0.7)}
 
     @field_validator("p")
     @classmethod

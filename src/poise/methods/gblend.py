@@ -45,6 +45,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from poise.config import Choice, IntRange
 from poise.data.base import evaluation_view, stratified_split
 from poise.errors import IncompatibleError
 from poise.functional.gblend import (
@@ -99,6 +100,8 @@ class GBlendParams(MethodParams):
         0.0, ge=0, lt=0.5,
         description="mix the estimate with uniform so every head keeps at least this weight (0: the paper's weights)",
     )
+
+    tunable = {"mode": Choice(("offline", "online")), "super_epoch": IntRange(2, 10)}
 
     @field_validator("estimate_subset")
     @classmethod

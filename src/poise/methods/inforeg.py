@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from poise.config import FloatRange
 from poise.errors import IncompatibleError
 from poise.functional.confidence import confidence_scores
 from poise.functional.inforeg import add_proximal_gradient, fisher_trace, inforeg_coefficients, prime_window_slope
@@ -40,6 +41,8 @@ class InfoRegParams(MethodParams):
         "all", description="whose Fisher trace decides the window: 'all' encoders (the paper's model-level "
         "information) or one modality's name (released: audio)")
     unimodal_loss: bool = Field(True, description="add CE of every modality's logits (released)")
+
+    tunable = {"threshold": FloatRange(0.01, 0.2, log=True)}
 
 
 class InfoReg(Method):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
+from poise.config import FloatRange
 from poise.errors import IncompatibleError
 from poise.functional.mla import (
     entropy_fusion_weights,
@@ -143,6 +144,8 @@ class MLAParams(MethodParams):
         "them during the later modalities' steps; the released code deletes every gradient after each batch). "
         "Default: set_to_none for paper, zeros for released",
     )
+
+    tunable = {"owm_alpha": FloatRange(0.01, 1.0, log=True)}
 
     @field_validator("fixed_weights")
     @classmethod

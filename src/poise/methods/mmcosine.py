@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from poise.config import FloatRange
 from poise.functional.cosine import cosine_logits
 from poise.methods.base import Method, MethodParams
 
@@ -26,6 +27,8 @@ class MMCosineParams(MethodParams):
         description="cosine: evaluate with the cosine logits the model is trained on (paper); linear: the plain "
         "concat head's logits, as the released valid() scores the fused accuracy",
     )
+
+    tunable = {"scale": FloatRange(5.0, 30.0, log=True)}
 
 
 class MMCosine(Method):

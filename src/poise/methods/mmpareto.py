@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from poise.config import FloatRange
 from poise.functional.pareto import pareto_combine, pareto_weights
 from poise.methods.base import Method, MethodParams
 
@@ -27,6 +28,8 @@ class MMParetoParams(MethodParams):
         "encoder; tensor: tensor by tensor, as the released code does; none: 2 (a_1 g_mm + a_2 g_m) as it is",
     )
     gamma: float = Field(1.0, gt=0, description="multiplier of the encoder gradients (the released code hard-codes 1.5)")
+
+    tunable = {"gamma": FloatRange(0.5, 2.0, log=True)}
 
 
 class MMPareto(Method):

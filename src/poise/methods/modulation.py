@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from poise.config import FloatRange
 from poise.errors import IncompatibleError
 from poise.functional.confidence import confidence_ratios, confidence_scores
 from poise.functional.extensions import BoostTargets, boost_coefficients_from_ratios
@@ -184,6 +185,8 @@ class ModulateParams(MethodParams):
                                         "(weights: every weight tensor; conv: 4-D conv weights; all: every parameter)")
     modulation_starts: int = Field(0, ge=0, description="first epoch (0-based) in which the method acts")
     modulation_ends: int | None = Field(None, ge=0, description="last epoch in which it acts, inclusive (none: to the end)")
+
+    tunable = {"alpha": FloatRange(0.05, 2.0, log=True)}
 
     @model_validator(mode="after")
     def _consistent(self) -> ModulateParams:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from poise.config import FloatRange
 from poise.functional.confidence import confidence_scores
 from poise.functional.ogm import (
     opm_drop_probabilities,
@@ -65,6 +66,8 @@ class OGMParams(MethodParams):
         "encoder without any); all: every encoder parameter",
     )
 
+    tunable = {"alpha": FloatRange(0.05, 2.0, log=True)}
+
     @model_validator(mode="after")
     def _window(self) -> OGMParams:
         if self.modulation_ends < self.modulation_starts:
@@ -113,6 +116,8 @@ class OPMParams(MethodParams):
         description="current ratio only: compute it in a separate no-grad encoder pass before the forward (the same "
         "ratio at the cost of one more encoder forward per modulated batch)",
     )
+
+    tunable = {"q_base": FloatRange(0.1, 0.9), "lam": FloatRange(0.1, 2.0, log=True)}
 
 
 class OPM(Method):

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from poise.config import FloatRange
 from poise.functional.ogm import stack_ratios
 from poise.functional.prototypes import class_feature_sums, prototype_entropy, prototype_logits, update_prototypes
 from poise.methods.base import Method, MethodParams
@@ -38,6 +39,8 @@ class PMRParams(MethodParams):
         "prototype-softmax entropy is maximised); 0 is the released code, which lacks the term",
     )
     entropy_epochs: int = Field(10, ge=0, description="the regularisation acts in epochs 0 .. entropy_epochs - 1 (the early stage)")
+
+    tunable = {"alpha": FloatRange(0.1, 2.0, log=True), "momentum": FloatRange(0.0, 0.9)}
 
     @model_validator(mode="after")
     def _window(self) -> PMRParams:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from poise.config import FloatRange, IntRange
 from poise.functional.reconboost import boosting_loss, ensemble_logits, ga_loss, reconboost_schedule
 from poise.methods.base import Method, MethodParams
 
@@ -35,6 +36,8 @@ class ReconBoostParams(MethodParams):
     ga_detached: bool = Field(False, description="detach both arguments of the GA term as released (it then has "
                                                  "no gradient); default: the paper's term, f_m not detached")
     boost_rate: float = Field(1.0, description="initial value of the learnable ensemble scale b (released 1)")
+
+    tunable = {"alpha": FloatRange(0.1, 2.0, log=True), "epochs_per_phase": IntRange(1, 6)}
 
 
 class ReconBoost(Method):

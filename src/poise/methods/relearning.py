@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from poise.config import FloatRange
 from poise.functional.relearning import kmeans_purity, reinitialise, relearning_strength
 from poise.methods.base import Method, MethodParams
 from poise.train.distributed import broadcast_buffers
@@ -29,6 +30,8 @@ class RelearningParams(MethodParams):
     interval: int = Field(20, ge=1, description="K: epochs between diagnoses (released 20; BalanceBenchmark 15)")
     max_times: int = Field(3, ge=0, description="N: most re-initialisations (released 3; BalanceBenchmark 2)")
     kmeans_seed: int = Field(0, description="random_state of KMeans (released 0)")
+
+    tunable = {"lam": FloatRange(0.5, 5.0, log=True)}
 
 
 class Relearning(Method):

@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from poise.config import Choice, FloatRange
 from poise.config import ModelConfig, RunConfig
 from poise.data.base import DataSplits
 from poise.errors import ConfigError, DataError, closest
@@ -146,6 +147,8 @@ class UMTParams(MethodParams):
         default_factory=dict, description="modality -> best.pt of a unimodal run, used as that modality's teacher"
     )
 
+    tunable = {"distill_weight": FloatRange(0.1, 10.0, log=True)}
+
 
 class UMT(Method):
     """Uni-Modal Teacher: ``CE(fused) + lambda * sum_m MSE(h_m, t_m)``, where ``t_m`` is the feature of a
@@ -200,6 +203,8 @@ class UMEParams(MethodParams):
     member_checkpoints: dict[str, str] = Field(
         default_factory=dict, description="modality -> best.pt of a unimodal run, used as that modality's member"
     )
+
+    tunable = {"combine": Choice(("logits", "probs"))}
 
 
 def _linear_head(model: MultimodalModel, modality: str) -> nn.Linear:

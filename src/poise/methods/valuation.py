@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 from torch.utils.data import Dataset, Subset
 
+from poise.config import IntRange
 from poise.functional.valuation import modality_copies, sample_copies, sample_shapley_values
 from poise.methods.base import Method, MethodParams
 from poise.train.distributed import broadcast_buffers
@@ -37,6 +38,8 @@ class ValuationParams(MethodParams):
     alpha: float = Field(1.0, ge=0, description="modality level: share of copies (released 1, BalanceBenchmark 0.5)")
     estimate_fraction: float = Field(0.2, gt=0, le=1, description="modality level: share of the samples valued")
     max_copies: int = Field(3, ge=0, description="sample level: most copies per sample and modality")
+
+    tunable = {"warmup_epochs": IntRange(1, 10), "max_copies": IntRange(1, 5)}
 
 
 class _Resampled(Dataset):

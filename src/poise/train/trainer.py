@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -245,12 +245,18 @@ class Trainer:
     and reports test metrics of that epoch's weights.
 
     ``resume=True`` continues the run whose ``checkpoint.pt`` is in ``out_dir``; the configuration, the
-    method and the seed must be those of that run."""
+    method and the seed must be those of that run.
+
+    ``epoch_callback(epoch, entry)`` is called after every epoch with that epoch's history entry (its
+    ``entry["val"]["accuracy"]`` is the validation accuracy, None without a validation split), once the
+    epoch is logged and checkpointed; an exception it raises stops the run (a tuner prunes a trial so)."""
 
     def __init__(self, splits: DataSplits, method: Method, config: RunConfig, seed: int = 0,
                  out_dir: str | Path | None = None, method_name: str | None = None, init_dir: str | Path | None = None,
-                 resume: bool = False, epoch_lines: bool = True):
+                 resume: bool = False, epoch_lines: bool = True,
+                 epoch_callback: Callable[[int, dict[str, Any]], None] | None = None):
         self.splits, self.method, self.config, self.seed = splits, method, config, seed
+        self.epoch_callback = epoch_callback
         #: print one line per epoch when the progress bar cannot show (output not on a terminal)
         self.epoch_lines = epoch_lines
         self.init_dir = Path(init_dir) if init_dir is not None else None
@@ -427,6 +433,8 @@ class Trainer:
                     bar.set_postfix(val_acc=f"{val['accuracy']:.3f}")
                 if epoch_lines:
                     print(self._epoch_line(entry), flush=True)
+                if self.epoch_callback is not None:
+                    self.epoch_callback(epoch, entry)
         finally:
             bar.close()
             if writer is not None:
