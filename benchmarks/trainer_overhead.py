@@ -336,17 +336,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--batches", type=int, default=8, help="batches per epoch of the cremad setting's data")
     parser.add_argument("--group", type=int, default=4, help="methods measured together (each group has its own joint)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every variant (sets trainer.threads; default: the config's, 1)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall time, or process CPU time (steadier on a machine shared with other jobs)")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config overrides, KEY=VALUE")
     parser.add_argument("--json", type=Path, default=None, help="write the ratios to this file")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = CLOCKS[args.clock]
     sets = parse_set(args.sets)
+    if args.threads:
+        # the trainer sets its threads when built (trainer.threads), so the count goes through the config
+        sets = merge(sets, {"trainer": {"threads": args.threads}})
     out = {"settings": {}}
     for name in args.settings.split(","):
         if name not in SETTINGS:
