@@ -216,15 +216,23 @@ def scale_and_add_noise_(grads: Sequence[Tensor], k: Tensor, stds: Sequence[Tens
     # drawn on the CPU generator into a CPU array: reading the seeds never waits for a device
     seeds = torch.randint(2**62, (len(pieces),), generator=generator).numpy().tolist()
     workers = max(1, min(torch.get_num_threads(), len(pieces)))
+    tasks = [(piece, s, seed) for (piece, s), seed in zip(pieces, seeds)]
     if workers == 1:
-        for (piece, s), seed in zip(pieces, seeds):
-            _add_piece(piece, k, s, seed)
+        _add_pieces(tasks, k)
         return
-    pool = _pools.get(workers)
+    pool = _pools.get(workers - 1)
     if pool is None:
-        pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="poise-noise")
-    for future in [pool.submit(_add_piece, piece, k, s, seed) for (piece, s), seed in zip(pieces, seeds)]:
+        pool = _pools[workers - 1] = ThreadPoolExecutor(workers - 1, thread_name_prefix="poise-noise")
+    # one share per thread (every workers-th piece: equal work), this thread taking the first
+    futures = [pool.submit(_add_pieces, tasks[w::workers], k) for w in range(1, workers)]
+    _add_pieces(tasks[0::workers], k)
+    for future in futures:
         future.result()
+
+
+def _add_pieces(tasks: list[tuple[Tensor, Tensor | float, int]], k: Tensor) -> None:
+    for piece, s, seed in tasks:
+        _add_piece(piece, k, s, seed)
 
 
 def modulate_gradients(
