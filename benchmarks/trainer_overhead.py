@@ -13,7 +13,9 @@ Every variant of a setting runs in turn, one step at a time (the order rotating 
 so that whatever else the machine does hits all of them alike. A trainer step is timed inside the
 trainer's own loop, from one ``on_step_start`` to the next (loading the batch, forward, loss,
 backward, gradient edits, checks, optimizer step, statistics); steps that cross an epoch boundary are
-not counted, nor are start-up (model building, a method's teachers or pre-estimates) and evaluation.
+not counted, nor are start-up (model building, a method's teachers or pre-estimates) and evaluation; the
+statistics the trainer adds up at the end of each epoch (or every ``STATS_GROUP`` micro-batches) are timed
+apart and reported as a share of the epoch's steps.
 Reported: per round the median step of each variant, the ratio of those medians, and over rounds the
 median ratio with its min-max. Methods run in groups of ``--group`` (each with its own ``joint``)
 to bound memory; methods whose set-up trains other models (teachers, estimates) run it once, short
@@ -124,6 +126,18 @@ class TrainerStepper:
             return original(batch)
 
         method.on_step_start = paced
+        #: seconds of each epoch's closing statistics (the loss terms, accuracy, per-head losses and confidence
+        #: scores the steps left pending): training work outside the timed steps
+        self.summaries: list[float] = []
+        summary = trainer._epoch_summary
+
+        def timed_summary(stats):
+            start = CLOCK()
+            out = summary(stats)
+            self.summaries.append(CLOCK() - start)
+            return out
+
+        trainer._epoch_summary = timed_summary
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -299,6 +313,7 @@ def run_setting(name: str, args, sets: dict) -> dict:
                 steppers[label] = TrainerStepper(make_trainer(splits, layer, method, opts, sets))
             medians = interleave(steppers, args.rounds, steps, args.warmup)
             check = finite_check_seconds(joint) if g == 0 else None
+            summaries = steppers["joint"].summaries
         finally:
             for s in steppers.values():
                 s.close()
@@ -311,6 +326,13 @@ def run_setting(name: str, args, sets: dict) -> dict:
             result["finite_check_share"] = check / statistics.median(medians["joint"])
             print(f"  {name}: the finiteness check takes {check * 1000:.2f} ms, "
                   f"{100 * result['finite_check_share']:.2f} % of the trainer's step", flush=True)
+            if summaries:
+                per_epoch = statistics.median(summaries)
+                epoch_steps = len(joint.train_loader)
+                result["epoch_statistics_share"] = per_epoch / (epoch_steps * statistics.median(medians["joint"]))
+                print(f"  {name}: the statistics closing an epoch take {per_epoch * 1000:.2f} ms, "
+                      f"{100 * result['epoch_statistics_share']:.2f} % of the epoch's {epoch_steps} steps "
+                      f"(not in the timed steps)", flush=True)
         for label, _, _ in group:
             r = summary(ratios(medians, label, "joint"))
             result["methods_vs_joint"][label] = r[0]

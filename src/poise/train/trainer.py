@@ -569,13 +569,12 @@ class Trainer:
         sampler = getattr(loader, "batch_sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        batches: Iterable = loader
         done = stats.steps * accumulate  # micro-batches a resumed run already trained on in this epoch
-        if done:
-            if hasattr(sampler, "skip_next"):
-                sampler.skip_next(done)
-            else:
-                batches = itertools.islice(loader, done, None)
+        if done and hasattr(sampler, "skip_next"):
+            sampler.skip_next(done)
+        batches: Iterable = factory.loader_batches(loader)
+        if done and not hasattr(sampler, "skip_next"):
+            batches = itertools.islice(batches, done, None)
         epoch_start = time.perf_counter() - stats.seconds
         every = self.config.trainer.checkpoint_every_steps
         group: list[tuple[MultimodalBatch, ModelOutput]] = []
