@@ -17,6 +17,7 @@ Order within one optimizer step (``accumulate`` micro-batches):
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -248,15 +249,15 @@ class StepEngine:
         grads = []
         if gradients and self.scaler is None:
             grads = [p.grad for params in self.groups.values() for p in params if p.grad is not None]
-            if grads and self._concat_check:
-                values.append(torch.cat([g.reshape(-1) for g in grads]).float().sum())
-            elif grads:
-                # one fused norm per tensor: a single read of every gradient
-                values += torch._foreach_norm(grads)
-        if not values:
+        if not values and not grads:
             return
         pending, self._loss_flags = self._loss_flags, []
-        if bool(torch.isfinite(torch.stack(values)).all()):  # the one host sync
+        if grads and self._concat_check:
+            total = torch.cat([v.reshape(1) for v in values] + [g.reshape(-1).float() for g in grads]).sum()
+        else:
+            # one fused norm per tensor: a single read of every gradient
+            total = torch.stack(values + list(torch._foreach_norm(grads)) if grads else values).sum()
+        if math.isfinite(total):  # the one host sync
             return
         epoch, step = self.where()
         for loss_epoch, loss_step, names, terms in pending:
