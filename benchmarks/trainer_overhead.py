@@ -343,7 +343,9 @@ def run_setting(name: str, args, sets: dict) -> dict:
     print(f"| variant | ms / step | ratio | min-max |\n|---|---|---|---|")
     for label, seconds, (mid, lo, hi) in rows:
         against = "" if label == "plain" else (" x plain" if label.startswith("joint") else " x joint")
-        print(f"| `{label}` | {seconds * 1000:.0f} | {mid:.3f}{against} | {lo:.3f}-{hi:.3f} |")
+        ms = seconds * 1000
+        print(f"| `{label}` | {ms:.0f} | {mid:.3f}{against} | {lo:.3f}-{hi:.3f} |" if ms >= 100 else
+              f"| `{label}` | {ms:.2f} | {mid:.3f}{against} | {lo:.3f}-{hi:.3f} |")
     return result
 
 
