@@ -340,7 +340,7 @@ def run_setting(name: str, args, sets: dict) -> dict:
             print(f"  {name}: {label} / joint {r[0]:.3f} (rounds {r[1]:.3f}-{r[2]:.3f})", flush=True)
     print(f"\n{name}: batch {layer['trainer']['batch_size']}, {torch.get_num_threads()} thread(s), {args.clock} clock, {args.rounds} rounds "
           f"x {steps} steps per variant, median of per-round medians (min-max over rounds)")
-    print(f"| variant | ms / step | ratio | min-max |\n|---|---|---|---|")
+    print("| variant | ms / step | ratio | min-max |\n|---|---|---|---|")
     for label, seconds, (mid, lo, hi) in rows:
         against = "" if label == "plain" else (" x plain" if label.startswith("joint") else " x joint")
         ms = seconds * 1000
