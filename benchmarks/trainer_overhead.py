@@ -13,7 +13,9 @@ Every variant of a setting runs in turn, one step at a time (the order rotating 
 so that whatever else the machine does hits all of them alike. A trainer step is timed inside the
 trainer's own loop, from one ``on_step_start`` to the next (loading the batch, forward, loss,
 backward, gradient edits, checks, optimizer step, statistics); steps that cross an epoch boundary are
-not counted, nor are start-up (model building, a method's teachers or pre-estimates) and evaluation.
+not counted, nor are start-up (model building, a method's teachers or pre-estimates) and evaluation; the
+statistics the trainer adds up at the end of each epoch (or every ``STATS_GROUP`` micro-batches) are timed
+apart and reported as a share of the epoch's steps.
 Reported: per round the median step of each variant, the ratio of those medians, and over rounds the
 median ratio with its min-max. Methods run in groups of ``--group`` (each with its own ``joint``)
 to bound memory; methods whose set-up trains other models (teachers, estimates) run it once, short
@@ -125,6 +127,18 @@ class TrainerStepper:
             return original(batch)
 
         method.on_step_start = paced
+        #: seconds of each epoch's closing statistics (the loss terms, accuracy, per-head losses and confidence
+        #: scores the steps left pending): training work outside the timed steps
+        self.summaries: list[float] = []
+        summary = trainer._epoch_summary
+
+        def timed_summary(stats):
+            start = CLOCK()
+            out = summary(stats)
+            self.summaries.append(CLOCK() - start)
+            return out
+
+        trainer._epoch_summary = timed_summary
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -300,6 +314,7 @@ def run_setting(name: str, args, sets: dict) -> dict:
                 steppers[label] = TrainerStepper(make_trainer(splits, layer, method, opts, sets))
             medians = interleave(steppers, args.rounds, steps, args.warmup)
             check = finite_check_seconds(joint) if g == 0 else None
+            summaries = steppers["joint"].summaries
         finally:
             for s in steppers.values():
                 s.close()
@@ -312,6 +327,13 @@ def run_setting(name: str, args, sets: dict) -> dict:
             result["finite_check_share"] = check / statistics.median(medians["joint"])
             print(f"  {name}: the finiteness check takes {check * 1000:.2f} ms, "
                   f"{100 * result['finite_check_share']:.2f} % of the trainer's step", flush=True)
+            if summaries:
+                per_epoch = statistics.median(summaries)
+                epoch_steps = len(joint.train_loader)
+                result["epoch_statistics_share"] = per_epoch / (epoch_steps * statistics.median(medians["joint"]))
+                print(f"  {name}: the statistics closing an epoch take {per_epoch * 1000:.2f} ms, "
+                      f"{100 * result['epoch_statistics_share']:.2f} % of the epoch's {epoch_steps} steps "
+                      f"(not in the timed steps)", flush=True)
         for label, _, _ in group:
             r = summary(ratios(medians, label, "joint"))
             result["methods_vs_joint"][label] = r[0]
@@ -319,10 +341,12 @@ def run_setting(name: str, args, sets: dict) -> dict:
             print(f"  {name}: {label} / joint {r[0]:.3f} (rounds {r[1]:.3f}-{r[2]:.3f})", flush=True)
     print(f"\n{name}: batch {layer['trainer']['batch_size']}, {torch.get_num_threads()} thread(s), {args.clock} clock, {args.rounds} rounds "
           f"x {steps} steps per variant, median of per-round medians (min-max over rounds)")
-    print(f"| variant | ms / step | ratio | min-max |\n|---|---|---|---|")
+    print("| variant | ms / step | ratio | min-max |\n|---|---|---|---|")
     for label, seconds, (mid, lo, hi) in rows:
         against = "" if label == "plain" else (" x plain" if label.startswith("joint") else " x joint")
-        print(f"| `{label}` | {seconds * 1000:.0f} | {mid:.3f}{against} | {lo:.3f}-{hi:.3f} |")
+        ms = seconds * 1000
+        print(f"| `{label}` | {ms:.0f} | {mid:.3f}{against} | {lo:.3f}-{hi:.3f} |" if ms >= 100 else
+              f"| `{label}` | {ms:.2f} | {mid:.3f}{against} | {lo:.3f}-{hi:.3f} |")
     return result
 
 
@@ -337,17 +361,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--batches", type=int, default=8, help="batches per epoch of the cremad setting's data")
     parser.add_argument("--group", type=int, default=4, help="methods measured together (each group has its own joint)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every variant (sets trainer.threads; default: the config's, 1)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall time, or process CPU time (steadier on a machine shared with other jobs)")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config overrides, KEY=VALUE")
     parser.add_argument("--json", type=Path, default=None, help="write the ratios to this file")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = CLOCKS[args.clock]
     sets = parse_set(args.sets)
+    if args.threads:
+        # the trainer sets its threads when built (trainer.threads), so the count goes through the config
+        sets = merge(sets, {"trainer": {"threads": args.threads}})
     out = {"settings": {}}
     for name in args.settings.split(","):
         if name not in SETTINGS:

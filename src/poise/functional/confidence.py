@@ -36,9 +36,10 @@ def confidence_rows(unimodal_logits: dict[str, Tensor], labels: Tensor, present:
     """(B, M): each sample's true-class probability under each modality, columns in the order of
     ``unimodal_logits``; 0 for a sample that lacks some modality (``present`` (B, M))."""
     with torch.no_grad():
-        # all modalities in one (B, M, C) tensor: a handful of operations, whatever M is
-        z = torch.stack([unimodal_logits[m].detach().float() for m in unimodal_logits], dim=1)
-        p = torch.softmax(z, dim=2).gather(2, labels.view(-1, 1, 1).expand(-1, z.shape[1], 1)).squeeze(2)
+        # all modalities in one (C, M, B) tensor: a handful of operations, whatever M is; classes first because
+        # torch's CPU softmax along a short last dimension costs ~100 ns a row, along the first ~10
+        z = torch.stack([unimodal_logits[m].detach().float().t() for m in unimodal_logits], dim=1)
+        p = torch.softmax(z, dim=0).gather(0, labels.view(1, 1, -1).expand(1, z.shape[1], -1)).squeeze(0).t()
         if present is not None:
             p = torch.where(present.all(dim=1, keepdim=True), p, 0.0)
         return p

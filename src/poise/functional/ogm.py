@@ -20,6 +20,7 @@ The tensor functions never leave the device (no ``.item()``), so they are safe i
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -138,17 +139,55 @@ def _noise_buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return buf[:n]
 
 
-def _add_piece(piece: Tensor, k: Tensor, std: Tensor, seed: int) -> None:
+def _add_piece(piece: Tensor, k: Tensor, std: Tensor | float, seed: int) -> None:
     """``piece <- k * piece + std * N(0, 1)`` with noise from a generator seeded for this piece alone."""
     gen = getattr(_local, "generator", None)
     if gen is None:
         gen = _local.generator = torch.Generator()
     gen.manual_seed(seed)
     noise = _noise_buffer(piece.numel(), piece.dtype, piece.device).view(piece.shape).normal_(generator=gen)
-    piece.mul_(k).addcmul_(noise, std)
+    if isinstance(std, Tensor):
+        piece.mul_(k).addcmul_(noise, std)
+    else:
+        piece.mul_(k).add_(noise, alpha=std)
 
 
-def scale_and_add_noise_(grads: Sequence[Tensor], k: Tensor, stds: Sequence[Tensor],
+#: a tensor whose |mean| exceeds this many standard deviations gets its std from ``torch.std``: the one-pass
+#: form would lose digits to cancellation there (gradients are nowhere near it)
+STD_CANCELLATION = 10.0
+
+
+def gradient_stds(grads: Sequence[Tensor]) -> list[Tensor | float]:
+    """Each tensor's unbiased standard deviation, as ``torch.std`` computes it (0 for a single element).
+
+    On the CPU (float32 and float64 tensors) from every tensor's sum and 2-norm, two fused reads that cost
+    about a fifth of ``torch.std``, combined in float64 as ``(sum x^2 - (sum x)^2 / n) / (n - 1)`` and read back
+    as Python floats (there is no device to wait for). A tensor whose mean is large against its spread
+    (``STD_CANCELLATION``) or whose sums are not finite gets ``torch.std`` instead. Elsewhere ``torch.std`` per
+    tensor, left on the device."""
+    grads = list(grads)
+    if not grads:
+        return []
+    if grads[0].device.type != "cpu" or any(g.dtype not in (torch.float32, torch.float64) for g in grads):
+        return [g.std() if g.numel() > 1 else g.new_zeros(()) for g in grads]
+    norms = torch.stack([v.double() for v in torch._foreach_norm(grads)]).numpy().tolist()
+    sums = torch.stack([g.sum().double() for g in grads]).numpy().tolist()
+    out: list[Tensor | float] = []
+    for g, norm, total in zip(grads, norms, sums):
+        n = g.numel()
+        if n < 2:
+            out.append(0.0)
+            continue
+        mean = total / n
+        spread = norm * norm / n - mean * mean  # the biased variance
+        if math.isfinite(spread) and spread * STD_CANCELLATION**2 >= mean * mean:
+            out.append(math.sqrt(spread * n / (n - 1)))
+        else:
+            out.append(g.std())
+    return out
+
+
+def scale_and_add_noise_(grads: Sequence[Tensor], k: Tensor, stds: Sequence[Tensor | float],
                          generator: torch.Generator | None = None) -> None:
     """In place: ``g_i <- k * g_i + stds[i] * N(0, 1)`` (i.i.d. standard normal noise), piece by piece.
 
@@ -157,7 +196,7 @@ def scale_and_add_noise_(grads: Sequence[Tensor], k: Tensor, stds: Sequence[Tens
     ``torch.get_num_threads()`` threads at once and the noise still depends only on ``generator``'s state
     (not on the number of threads). Elsewhere (CUDA) the device draws in parallel anyway: ``generator``
     fills one reused piece after the other."""
-    pieces: list[tuple[Tensor, Tensor]] = []
+    pieces: list[tuple[Tensor, Tensor | float]] = []
     for g, s in zip(grads, stds):
         flat = g.view(-1) if g.is_contiguous() else None
         if flat is None:  # a non-contiguous gradient: one piece, the whole tensor
@@ -168,21 +207,32 @@ def scale_and_add_noise_(grads: Sequence[Tensor], k: Tensor, stds: Sequence[Tens
         return
     if pieces[0][0].device.type != "cpu":
         for piece, s in pieces:
-            noise = _noise_buffer(piece.numel(), piece.dtype, piece.device).view(piece.shape)
-            piece.mul_(k).addcmul_(noise.normal_(generator=generator), s)
+            noise = _noise_buffer(piece.numel(), piece.dtype, piece.device).view(piece.shape).normal_(generator=generator)
+            if isinstance(s, Tensor):
+                piece.mul_(k).addcmul_(noise, s)
+            else:
+                piece.mul_(k).add_(noise, alpha=s)
         return
     # drawn on the CPU generator into a CPU array: reading the seeds never waits for a device
     seeds = torch.randint(2**62, (len(pieces),), generator=generator).numpy().tolist()
     workers = max(1, min(torch.get_num_threads(), len(pieces)))
+    tasks = [(piece, s, seed) for (piece, s), seed in zip(pieces, seeds)]
     if workers == 1:
-        for (piece, s), seed in zip(pieces, seeds):
-            _add_piece(piece, k, s, seed)
+        _add_pieces(tasks, k)
         return
-    pool = _pools.get(workers)
+    pool = _pools.get(workers - 1)
     if pool is None:
-        pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="poise-noise")
-    for future in [pool.submit(_add_piece, piece, k, s, seed) for (piece, s), seed in zip(pieces, seeds)]:
+        pool = _pools[workers - 1] = ThreadPoolExecutor(workers - 1, thread_name_prefix="poise-noise")
+    # one share per thread (every workers-th piece: equal work), this thread taking the first
+    futures = [pool.submit(_add_pieces, tasks[w::workers], k) for w in range(1, workers)]
+    _add_pieces(tasks[0::workers], k)
+    for future in futures:
         future.result()
+
+
+def _add_pieces(tasks: list[tuple[Tensor, Tensor | float, int]], k: Tensor) -> None:
+    for piece, s, seed in tasks:
+        _add_piece(piece, k, s, seed)
 
 
 def modulate_gradients(
@@ -192,8 +242,8 @@ def modulate_gradients(
     generator: torch.Generator | None = None,
 ) -> None:
     """In place: ``g <- k_m * g`` for every parameter of ``groups[m]`` (with ``noise``: ``+ N(0, std(g) +
-    1e-8)``, the std taken before the scaling, drawn by :func:`scale_and_add_noise_`). Parameters without a
-    gradient are skipped."""
+    1e-8)``, the std taken before the scaling by :func:`gradient_stds`, drawn by :func:`scale_and_add_noise_`).
+    Parameters without a gradient are skipped."""
     for m, params in enumerate(groups):
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
@@ -202,7 +252,7 @@ def modulate_gradients(
         if not noise:
             torch._foreach_mul_(grads, k)
             continue
-        stds = [(g.std() if g.numel() > 1 else g.new_zeros(())) + GE_EPS for g in grads]
+        stds = [s + GE_EPS for s in gradient_stds(grads)]
         scale_and_add_noise_(grads, k, stds, generator)
 
 
@@ -242,6 +292,7 @@ __all__ = [
     "GE_EPS",
     "NORMALISATION_LAYERS",
     "ge_noise",
+    "gradient_stds",
     "modulate_gradients",
     "modulation_coefficients",
     "ogm_coefficients",

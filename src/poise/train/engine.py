@@ -17,6 +17,7 @@ Order within one optimizer step (``accumulate`` micro-batches):
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from poise.config import RunConfig
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: gradient tensors of at most this many values on average count as small for the finiteness check
+SMALL_TENSOR = 4096
 
 
 class NonFiniteError(PoiseError):
@@ -91,6 +94,9 @@ class StepEngine:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.extra_params = [p for p in self.params if id(p) not in model_ids]
         self.groups = gradient_groups(model, self.extra_params)
+        #: small gradient tensors (a few thousand values each): the finiteness check copies them into one and
+        #: sums it, which costs less than a reduction per tensor; large ones are reduced where they are
+        self._concat_check = sum(p.numel() for p in self.params) <= SMALL_TENSOR * max(len(self.params), 1)
         self.backward_calls = 0
         self._gradients_final = False
         self._loss_flags: list[tuple[int, int, list[str], list[Tensor]]] = []
@@ -236,42 +242,39 @@ class StepEngine:
 
     def check_finite(self, gradients: bool = True) -> None:
         """Raise NonFiniteError naming the step, the method and the loss term or the modality whose
-        values are not finite. One host sync for all pending loss terms and every gradient group.
+        values are not finite. One host sync for all pending loss terms and every gradient: their sums or
+        norms, not finite iff some value is not (or overflows); only then is each looked at on its own.
         Gradients are not checked under fp16: there the scaler skips a step with overflowing gradients."""
         values = [v.float().to(self.device) for *_, vs in self._loss_flags for v in vs]
-        group_names: list[str] = []
+        grads = []
         if gradients and self.scaler is None:
-            grads = []
-            for name, params in self.groups.items():
-                for p in params:
-                    if p.grad is not None:
-                        grads.append(p.grad)
-                        group_names.append(name)
-            if grads:
-                # one fused norm per tensor: a single read of every gradient; not finite iff some value is not
-                values += torch._foreach_norm(grads)
-        if not values:
+            grads = [p.grad for params in self.groups.values() for p in params if p.grad is not None]
+        if not values and not grads:
             return
-        stacked = torch.stack(values)
         pending, self._loss_flags = self._loss_flags, []
-        if bool(torch.isfinite(stacked).all()):  # the one host sync
+        if grads and self._concat_check:
+            total = torch.cat([v.reshape(1) for v in values] + [g.reshape(-1).float() for g in grads]).sum()
+        else:
+            # one fused norm per tensor: a single read of every gradient
+            total = torch.stack(values + list(torch._foreach_norm(grads)) if grads else values).sum()
+        if math.isfinite(total):  # the one host sync
             return
-        flags = torch.isfinite(stacked).tolist()
         epoch, step = self.where()
-        offset = 0
-        for loss_epoch, loss_step, names, _ in pending:
-            for name, ok in zip(names, flags[offset: offset + len(names)]):
-                if not ok:
+        for loss_epoch, loss_step, names, terms in pending:
+            for name, v in zip(names, terms):
+                if not bool(torch.isfinite(v).all()):
                     raise NonFiniteError(
                         f"loss term '{name}' of method '{self.method_name}' is not finite at epoch {loss_epoch}, step {loss_step}"
                     )
-            offset += len(names)
-        for name, ok in zip(group_names, flags[offset:]):
-            if not ok:
+        if not grads:
+            return
+        for name, params in self.groups.items():
+            if any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params):
                 raise NonFiniteError(
                     f"the gradient of {name} is not finite after the backward pass and the gradient edits of "
                     f"method '{self.method_name}' at epoch {epoch}, step {step}"
                 )
+        # finite values whose sum or norm overflowed: nothing to report
 
     # ---- the step ---------------------------------------------------------------------------------
     def optimizer_step(self) -> None:

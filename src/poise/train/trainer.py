@@ -53,7 +53,7 @@ from poise.train.checkpoint import (
     set_rng_state,
     to_cpu,
 )
-from poise.train.curves import ValidationCurves, head_loss_sums, head_means, head_names, ogr_entry
+from poise.train.curves import ValidationCurves, head_loss_sums_of, head_means, head_names, ogr_entry
 from poise.train.distributed import (
     all_gather_objects,
     all_reduce_sum,
@@ -168,28 +168,48 @@ class EpochStats:
     seconds: float = 0.0
     #: (H, 2) summed cross-entropy and sample count of each head (fused, then each modality)
     heads: Tensor | None = None
-    #: (fused logits, labels) of micro-batches and (unimodal logits, labels, present) of steps not yet counted
-    pending_correct: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    #: micro-batches not yet counted: (loss terms, fused logits, unimodal logits, labels, present, modalities)
+    pending: list[tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor, Tensor, tuple[str, ...]]] = field(
+        default_factory=list)
+    #: (unimodal logits, labels, present) of steps whose confidence scores are not yet computed
     pending_scores: list[tuple[dict[str, Tensor], Tensor, Tensor]] = field(default_factory=list)
 
-    def note(self, logits: Tensor, labels: Tensor) -> None:
-        self.pending_correct.append((logits.detach(), labels))
-        if len(self.pending_correct) >= STATS_GROUP:
+    def note(self, terms: dict[str, Tensor], output: ModelOutput, batch: MultimodalBatch) -> None:
+        """One micro-batch's loss terms, correct predictions and per-head losses, added up at the next
+        :meth:`flush` (every ``STATS_GROUP`` micro-batches): a few operations per group, not per step."""
+        entry = ({k: v.detach() for k, v in terms.items()}, output.logits.detach(),
+                 {m: z.detach() for m, z in output.unimodal_logits.items()}, batch.labels, batch.present,
+                 batch.modalities)
+        if self.pending and (set(entry[0]) != set(self.pending[0][0]) or list(entry[2]) != list(self.pending[0][2])
+                             or entry[5] != self.pending[0][5]):
+            self.flush()  # another shape of record (a method's phase adds a term): not concatenated with these
+        self.pending.append(entry)
+        if len(self.pending) >= STATS_GROUP:
             self.flush()
 
     def note_scores(self, unimodal_logits: dict[str, Tensor], labels: Tensor, present: Tensor) -> None:
         self.pending_scores.append(({m: z.detach() for m, z in unimodal_logits.items()}, labels, present))
 
     def flush(self) -> None:
-        """Count the pending micro-batches' correct predictions and compute the pending steps' confidence
-        scores (each step's exactly as on its own: the same rows, summed the same way)."""
+        """Add up the pending micro-batches (loss terms, correct predictions, each head's summed loss) and
+        compute the pending steps' confidence scores (each step's exactly as on its own: the same rows,
+        summed the same way)."""
         with torch.no_grad():
-            if self.pending_correct:
-                logits = torch.cat([z for z, _ in self.pending_correct])
-                labels = torch.cat([y for _, y in self.pending_correct])
+            if self.pending:
+                pending, self.pending = self.pending, []
+                for k in pending[0][0]:
+                    total = torch.stack([terms[k].float() for terms, *_ in pending]).sum(dim=0)
+                    self.totals[k] = self.totals.get(k, 0.0) + total
+                logits = torch.cat([z for _, z, *_ in pending])
+                labels = torch.cat([y for _, _, _, y, _, _ in pending])
                 correct = (logits.argmax(1) == labels).sum()
                 self.correct = correct if self.correct is None else self.correct + correct
-                self.pending_correct = []
+                unimodal = {m: torch.cat([u[m] for _, _, u, *_ in pending]) for m in pending[0][2]}
+                present = torch.cat([p for *_, p, _ in pending])
+                columns = pending[0][5]
+                heads = head_loss_sums_of(logits, unimodal, labels,
+                                          {m: present[:, columns.index(m)] for m in unimodal})
+                self.heads = heads if self.heads is None else self.heads + heads
             if self.pending_scores:
                 names = list(self.pending_scores[0][0])
                 rows = confidence_rows({m: torch.cat([u[m] for u, _, _ in self.pending_scores]) for m in names},
@@ -559,13 +579,12 @@ class Trainer:
         sampler = getattr(loader, "batch_sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        batches: Iterable = loader
         done = stats.steps * accumulate  # micro-batches a resumed run already trained on in this epoch
-        if done:
-            if hasattr(sampler, "skip_next"):
-                sampler.skip_next(done)
-            else:
-                batches = itertools.islice(loader, done, None)
+        if done and hasattr(sampler, "skip_next"):
+            sampler.skip_next(done)
+        batches: Iterable = factory.loader_batches(loader)
+        if done and not hasattr(sampler, "skip_next"):
+            batches = itertools.islice(batches, done, None)
         epoch_start = time.perf_counter() - stats.seconds
         every = self.config.trainer.checkpoint_every_steps
         group: list[tuple[MultimodalBatch, ModelOutput]] = []
@@ -574,7 +593,8 @@ class Trainer:
             end_of_step = last or len(group) == accumulate - 1
             output = None
             try:
-                if not group and not owns:
+                if not group and not owns and engine.has_gradients():
+                    # usually the previous step's optimizer_step left none: zero_grad's own overhead is then saved
                     ctx.optimizer.zero_grad(set_to_none=True)
                 plan = method.on_step_start(batch)
                 with engine.sync_context(end_of_step):
@@ -614,12 +634,7 @@ class Trainer:
                     diagnosis += (f"; {large}: unscaled features are a likely cause (set data.standardize=true, or "
                                   "lower trainer.lr)")
                 raise NonFiniteError(f"{err}; {diagnosis}") from None
-            with torch.no_grad():
-                for k, v in logged.items():
-                    stats.totals[k] = stats.totals.get(k, 0.0) + v.detach().float()
-                heads = head_loss_sums(output, batch)
-                stats.heads = heads if stats.heads is None else stats.heads + heads
-            stats.note(output.logits, batch.labels)
+            stats.note(logged, output, batch)
             stats.seen += len(batch)
             stats.micro_batches += 1
             ctx.step += 1
