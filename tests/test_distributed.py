@@ -224,3 +224,28 @@ def test_two_process_run_resumes_in_mid_epoch_exactly(tmp_path):
     assert not torch.equal(masks[0], masks[1])  # each rank's own random stream was kept
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text())["same"]
+
+
+def _gather_rows_worker(rank: int, world: int, path: str) -> None:
+    import torch.distributed as dist
+
+    from poise.train.distributed import all_gather_rows
+
+    dist.init_process_group("gloo", init_method=f"file://{path}.store", rank=rank, world_size=world)
+    try:
+        mine = torch.arange(6, dtype=torch.float32).view(3, 2)[: 3 - rank] + 10 * rank  # 3 rows, then 2
+        torch.save(all_gather_rows(mine), f"{path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_gather_rows_concatenates_unequal_shards_in_rank_order(tmp_path):
+    import torch.multiprocessing as mp
+
+    path = str(tmp_path / "rows")
+    mp.start_processes(_gather_rows_worker, args=(2, path), nprocs=2, join=True, start_method="spawn")
+    expected = torch.cat([torch.arange(6, dtype=torch.float32).view(3, 2),
+                          torch.arange(6, dtype=torch.float32).view(3, 2)[:2] + 10])
+    for rank in range(2):
+        assert torch.equal(torch.load(f"{path}.{rank}"), expected)

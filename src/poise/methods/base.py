@@ -101,6 +101,10 @@ class Method:
     #: a backward through ``ctx.masked_forward``): gradients are then averaged across processes once, at
     #: the step, instead of by DistributedDataParallel during the backward
     multiple_backward: ClassVar[bool] = False
+    #: some trainable parameters take no part in a step's loss (a branch trained alone, gates held fixed, a
+    #: stage that trains only a head): gradients are then averaged across processes at the step, as for
+    #: ``multiple_backward``, since DistributedDataParallel's reduction waits for every parameter
+    partial_graph: ClassVar[bool] = False
     #: every decision is made once per step from the step's whole batch (``after_backward``), so that
     #: accumulating micro-batches changes none of them (the conformance test checks it)
     per_batch_decisions: ClassVar[bool] = False

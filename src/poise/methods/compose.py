@@ -65,6 +65,7 @@ class Combined(Method):
         self.max_modalities = min(bounds) if bounds else None  # type: ignore[misc]
         self.owns_optimizer_step = any(p.owns_optimizer_step for p in parts)  # type: ignore[misc]
         self.multiple_backward = any(p.multiple_backward for p in parts)  # type: ignore[misc]
+        self.partial_graph = any(p.partial_graph for p in parts)  # type: ignore[misc]
         self.per_batch_decisions = all(p.per_batch_decisions for p in parts)  # type: ignore[misc]
         fusions = [set(p.fusions) for p in parts if p.fusions is not None]
         if fusions:

@@ -27,7 +27,7 @@ from poise.functional.dimml import (
     discriminative_dimensions,
 )
 from poise.methods.base import Method, MethodParams
-from poise.train.distributed import all_gather_cat
+from poise.train.distributed import all_gather_rows
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -55,6 +55,7 @@ class DIMMLParams(MethodParams):
 
 class DIMML(Method):
     name = "dimml"
+    partial_graph = True
     family = "losses"
     Params: ClassVar[type[MethodParams]] = DIMMLParams
     min_modalities = 2
@@ -131,7 +132,7 @@ class DIMML(Method):
         finally:
             model.train(was_training)
         for m in self._modalities:
-            hm, ym = all_gather_cat(torch.cat(features[m])), all_gather_cat(torch.cat(labels[m]))
+            hm, ym = all_gather_rows(torch.cat(features[m])), all_gather_rows(torch.cat(labels[m]))
             if len(ym) == 0:
                 continue
             accuracy = dimension_discriminability(hm, ym, ctx.info.num_classes)

@@ -42,6 +42,7 @@ class Greedy(Method):
     """Needs the ``mmtm`` mid-fusion (its default); decides once per step from the step's gradients."""
 
     name = "greedy"
+    partial_graph = True
     family = "architecture"
     Params: ClassVar[type[MethodParams]] = GreedyParams
     min_modalities = 2

@@ -117,6 +117,24 @@ def all_gather_cat(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def all_gather_rows(tensor: Tensor) -> Tensor:
+    """Concatenate a per-rank tensor along dimension 0 when the ranks hold different numbers of rows (a
+    sharded pass over a split, a selection of present samples): padded to the longest for the collective,
+    then trimmed, in rank order."""
+    if not is_distributed():
+        return tensor
+    n = world_size()
+    sizes = torch.zeros(n, dtype=torch.long, device=tensor.device)
+    sizes[rank()] = tensor.shape[0]
+    sizes = all_reduce_sum(sizes).tolist()
+    longest = max(sizes)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor.detach()
+    parts = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
 # ---- objects ---------------------------------------------------------------------------------------------
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order, on every rank."""

@@ -366,7 +366,7 @@ class Trainer:
         self.engine = StepEngine(
             model, optimizer, self.config, self.device, self.method_name, self.method.owns_optimizer_step,
             forward_module=forward_module, where=lambda: (ctx.epoch, ctx.step),
-            multiple_backward=self.method.multiple_backward,
+            multiple_backward=self.method.multiple_backward or self.method.partial_graph,
         )
         self.engine.frozen = ctx.frozen  # the method's phase (set in setup or later) freezes these
         broadcast_tensors(self.engine.extra_params)  # a method's own parameters (heads, loss weights)
