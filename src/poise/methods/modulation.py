@@ -48,8 +48,7 @@ from torch import Tensor, nn
 
 from poise.config import FloatRange
 from poise.errors import IncompatibleError
-from poise.functional.confidence import confidence_ratios, confidence_scores
-from poise.functional.extensions import BoostTargets, boost_coefficients_from_ratios
+from poise.functional.extensions import BoostTargets, batch_confidence_ratios, boost_coefficients_from_ratios
 from poise.functional.ogm import ModulatedParameters, modulate_gradients, modulation_coefficients, select_modulated_parameters
 from poise.functional.shapley import shapley_responses
 from poise.methods.base import Method, MethodParams, StepPlan
@@ -80,18 +79,12 @@ class Estimator:
         raise NotImplementedError
 
 
-def _ratios_of_scores(scores: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    ratios = confidence_ratios(scores)
-    valid = torch.stack(list(scores.values())).sum() > 0
-    return torch.stack([ratios[m] for m in scores]), valid
-
-
 class ConfidenceEstimator(Estimator):
     name = "confidence"
 
     def estimate(self, unimodal_logits, batch, modalities, ctx, logits=None):
         unimodal = {m: unimodal_logits[m] for m in modalities}
-        return _ratios_of_scores(confidence_scores(unimodal, batch.labels, batch.present, reduce=all_reduce_sum))
+        return batch_confidence_ratios(unimodal, batch.labels, batch.present, reduce=all_reduce_sum)
 
 
 def shapley_outputs(ctx: TrainContext, modalities: tuple[str, ...], full: Tensor, batch: MultimodalBatch,
@@ -123,7 +116,7 @@ class ShapleyEstimator(Estimator):
             raise ValueError("the shapley estimator needs the fused output of the forward")
         with torch.no_grad():
             responses = shapley_outputs(ctx, modalities, logits.detach(), batch)
-        return _ratios_of_scores(confidence_scores(responses, batch.labels, batch.present, reduce=all_reduce_sum))
+        return batch_confidence_ratios(responses, batch.labels, batch.present, reduce=all_reduce_sum)
 
 
 ESTIMATORS: Registry[type[Estimator]] = Registry("estimator", {"confidence": ConfidenceEstimator,
