@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from poise.eval.report import _fmt, group_runs, mean_std, palette
+from poise.eval.report import _fmt, group_runs, mean_std, palette, save_figure
 from poise.eval.significance import BASELINE, SIGNIFICANCE_NOTE, against_baseline, format_difference
 
 
@@ -71,10 +71,7 @@ def write_tune_plots(results: dict, out: Path) -> list[str]:
     written = []
 
     def save(fig, name):
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        tmp.replace(out / name)
+        save_figure(fig, out / name)
         written.append(name)
 
     methods = list(results["tuning"]["methods"])

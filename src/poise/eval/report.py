@@ -12,6 +12,17 @@ from pathlib import Path
 import numpy as np
 
 
+def save_figure(fig, path: Path, dpi: int = 100, tight_bbox: bool = True) -> None:
+    """Write a matplotlib figure to ``path`` (PNG) through a temporary file beside it and a rename, so that a
+    reader never sees half a file, and close the figure."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=dpi, **({"bbox_inches": "tight"} if tight_bbox else {}))
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0 for a single value), ignoring NaN."""
     v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
@@ -376,10 +387,7 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
     def save(fig, name):
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        tmp.replace(out / name)
+        save_figure(fig, out / name)
         written.append(name)
 
     def legend_on_top(fig, axes):
@@ -586,10 +594,7 @@ def write_decision_plots(results: dict, out: Path) -> list[str]:
                        ncol=min(len(labels), 6), frameon=False)
         name = decision_plot_name(method)
         (out / DECISIONS_DIR).mkdir(parents=True, exist_ok=True)
-        tmp = out / f"{name}.tmp.png"
-        fig.savefig(tmp, dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        tmp.replace(out / name)
+        save_figure(fig, out / name, dpi=90)
         written.append(name)
     return written
 
@@ -610,10 +615,7 @@ def write_learning_curves(results: dict, out: Path) -> list[str]:
 
     def save(fig, name):
         fig.tight_layout()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-        tmp.replace(out / name)
+        save_figure(fig, out / name, dpi=80, tight_bbox=False)
         written.append(name)
 
     if groups:
