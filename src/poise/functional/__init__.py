@@ -91,8 +91,10 @@ from poise.functional.cggm import cggm_coefficients, cggm_direction_loss, gradie
 from poise.functional.cml import cml_confidence_penalty, prediction_confidence, removal_chain
 from poise.functional.g2d import logit_distillation_loss, smp_coefficients, teacher_confidence_sums
 from poise.functional.remix import kl_from_uniform, remix_assignment, remix_order
+from poise.functional.losses import present_cross_entropy
 
 __all__ = [
+    "present_cross_entropy",
     "confidence_ratios",
     "confidence_scores",
     "batch_confidence_ratios",

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from poise.errors import IncompatibleError
 from poise.functional.amco import amco_class_mask, amco_mask_fraction, amco_softmax_mass
+from poise.functional.losses import present_cross_entropy
 from poise.methods.base import Method, MethodParams
-from poise.methods.mbsd import present_cross_entropy
 from poise.train.distributed import all_reduce_sum
 
 if TYPE_CHECKING:

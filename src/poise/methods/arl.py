@@ -20,8 +20,8 @@ from torch import Tensor
 
 from poise.functional.arl import arl_dependence_weights, logit_magnitude
 from poise.functional.mla import prediction_entropy
+from poise.functional.losses import present_cross_entropy
 from poise.methods.base import Method, MethodParams
-from poise.methods.mbsd import present_cross_entropy
 from poise.train.distributed import all_reduce_sum
 
 if TYPE_CHECKING:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from poise.errors import IncompatibleError
 from poise.functional.greedy import conditional_learning_speeds, rebalance_target, squared_norm_ratio
+from poise.functional.losses import present_cross_entropy
 from poise.methods.base import Method, MethodParams
 
 if TYPE_CHECKING:
@@ -77,9 +78,7 @@ class Greedy(Method):
             return {"ce": F.cross_entropy(output.logits, batch.labels)}
         terms = {}
         for m in self._modalities:
-            rows = batch.present_of(m).float()
-            per_sample = F.cross_entropy(output.unimodal_logits[m], batch.labels, reduction="none")
-            terms[f"ce_{m}"] = (per_sample * rows).sum() / rows.sum().clamp_min(1)
+            terms[f"ce_{m}"] = present_cross_entropy(output.unimodal_logits[m], batch.labels, batch.present_of(m))
         return terms
 
     def after_backward(self, output: ModelOutput, batch: MultimodalBatch) -> None:

@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import Tensor
 
 from poise.functional.mbsd import mbsd_alignment, mbsd_distillation_kl, mbsd_released_kl, mbsd_sample_weights
+from poise.functional.losses import present_cross_entropy
 from poise.methods.base import Method, MethodParams
 
 if TYPE_CHECKING:
@@ -33,12 +34,6 @@ class MBSDParams(MethodParams):
     alignment: Literal["logits", "probabilities"] = Field(
         "logits", description="what the (1/C)||.||^2 term compares: logits (released, two modalities) or "
         "softmax probabilities (released, three modalities)")
-
-
-def present_cross_entropy(logits: Tensor, labels: Tensor, rows: Tensor) -> Tensor:
-    """Cross-entropy averaged over the rows that have the modality (0 when none has it)."""
-    per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
-    return (per_sample * rows).sum() / rows.sum().clamp_min(1)
 
 
 class MBSD(Method):

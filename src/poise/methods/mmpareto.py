@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from poise.config import FloatRange
 from poise.functional.pareto import pareto_combine, pareto_weights
+from poise.functional.losses import present_cross_entropy
 from poise.methods.base import Method, MethodParams
 
 if TYPE_CHECKING:
@@ -66,9 +67,7 @@ class MMPareto(Method):
         assert self.heads is not None, "setup() must run before training"
         terms = {"ce": F.cross_entropy(output.logits, batch.labels)}
         for m in self._modalities:
-            rows = batch.present_of(m).float()
-            per_sample = F.cross_entropy(self.heads[m](output.features[m]), batch.labels, reduction="none")
-            terms[f"ce_{m}"] = (per_sample * rows).sum() / rows.sum().clamp_min(1)
+            terms[f"ce_{m}"] = present_cross_entropy(self.heads[m](output.features[m]), batch.labels, batch.present_of(m))
         return terms
 
     def backward(self, terms: dict[str, Tensor], output: ModelOutput, batch: MultimodalBatch) -> None:

@@ -51,6 +51,7 @@ from poise.errors import IncompatibleError
 from poise.functional.extensions import BoostTargets, batch_confidence_ratios, boost_coefficients_from_ratios
 from poise.functional.ogm import ModulatedParameters, modulate_gradients, modulation_coefficients, select_modulated_parameters
 from poise.functional.shapley import shapley_responses
+from poise.functional.losses import present_cross_entropy
 from poise.methods.base import Method, MethodParams, StepPlan
 from poise.registry import Registry
 from poise.train.distributed import all_reduce_sum, rank
@@ -315,9 +316,7 @@ class Modulated(Method):
         else:
             k = torch.ones(len(self._modalities), device=output.logits.device)
         for i, m in enumerate(self._modalities):
-            rows = batch.present_of(m)
-            z = output.unimodal_logits[m]
-            ce = F.cross_entropy(z[rows], batch.labels[rows]) if bool(rows.any()) else z.sum() * 0.0
+            ce = present_cross_entropy(output.unimodal_logits[m], batch.labels, batch.present_of(m))
             terms[f"uni/{m}"] = k[i].to(ce.dtype) * ce
         return terms
 
