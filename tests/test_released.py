@@ -2,6 +2,8 @@
 test-selected protocol, grouped validation, AVE duplicates and shipped split lists; on tiny files in
 the real layouts."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -205,6 +207,7 @@ def _count_rows(path, header=False):
 @pytest.mark.parametrize("dataset,files", [
     ("cremad", {"train.csv": 6698, "test.csv": 744}),
     ("mvsa", {"train.jsonl": 1555, "dev.jsonl": 518, "test.jsonl": 519}),
+    ("kinetics_sounds", {"my_train.txt": 14799, "my_test.txt": 2597, "class.txt": 31}),
 ])
 def test_shipped_official_lists_have_the_published_sizes(dataset, files):
     from poise.data.splitlists import SHIPPED_DIR, shipped_list
@@ -216,6 +219,48 @@ def test_shipped_official_lists_have_the_published_sizes(dataset, files):
         assert present[name] is not None, f"{dataset}/{name} is missing beside the other shipped lists"
         assert _count_rows(present[name]) == expected
     assert "MIT" in (SHIPPED_DIR / "NOTICE").read_text() or dataset != "cremad"
+
+
+def test_shipped_kinetics_sounds_classes_name_every_listed_index_once():
+    """The 31 names are distinct, every index the lists use names one of them, and each class has clips in
+    both lists (a list shifted by one class, or one class short, fails here)."""
+    from poise.data.splitlists import SHIPPED_DIR
+
+    folder = SHIPPED_DIR / "kinetics_sounds"
+    classes = [c for c in (folder / "class.txt").read_text().splitlines() if c.strip()]
+    assert len(classes) == len(set(classes)) == 31
+    assert classes == sorted(classes) and classes[2] == "bowling" and classes[4] == "dribbling basketball"
+    for name in ("my_train.txt", "my_test.txt"):
+        used = {int(line.strip().split(",")[-1]) for line in (folder / name).read_text().splitlines() if line.strip()}
+        assert used == set(range(31)), name
+    assert "kinetics_sounds/class.txt" in (SHIPPED_DIR / "NOTICE").read_text()
+
+
+def test_kinetics_sounds_class_check_script_agrees_disagrees_and_refuses(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "check_ks", Path(__file__).resolve().parents[1] / "scripts" / "check_kinetics_sounds_classes.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    (splits / "class.txt").write_text("bowling\nsinging\ntickling\n")
+    (splits / "my_train.txt").write_text("aaaaaaaaaaa_000001_000011,10,0\nbbbbbbbbbbb_000002_000012,10,1\n")
+    (splits / "my_test.txt").write_text("ccccccccccc_3,10,2\n")
+    csv_path = tmp_path / "val.csv"
+    csv_path.write_text("label,youtube_id,time_start,time_end,split\nbowling,aaaaaaaaaaa,1,11,val\n"
+                        "singing,bbbbbbbbbbb,2,12,val\nabseiling,zzzzzzzzzzz,0,10,val\n")
+    assert check.main([str(csv_path), "--splits", str(splits)]) == 0
+    out = capsys.readouterr().out
+    assert "0 bowling: 1 clips agree" in out and "2 of 3 classes witnessed; none for 2" in out
+    csv_path.write_text("label,youtube_id,time_start,time_end,split\nbowling,aaaaaaaaaaa,1,11,val\n"
+                        "tickling,ccccccccccc,3,13,test\nbowling,bbbbbbbbbbb,2,12,val\n")
+    assert check.main([str(csv_path), "--splits", str(splits)]) == 1
+    assert "1 singing: 0 clips agree; disagree: bowling (1)" in capsys.readouterr().out
+    (tmp_path / "bad.csv").write_text("youtube_id,time_start\naaaaaaaaaaa,1\n")
+    assert check.main([str(tmp_path / "bad.csv"), "--splits", str(splits)]) == 2
+    assert "has no 'label' and 'youtube_id' columns" in capsys.readouterr().err
 
 
 def test_shipped_notice_names_the_ogm_ge_licence():
@@ -245,6 +290,36 @@ def test_shipped_list_is_read_when_the_raw_folder_has_none_and_the_raw_list_wins
     (shipped / "cremad" / "train.csv").unlink()
     with pytest.raises(Exception, match=r"CREMA-D train list '.*train.csv' does not exist, and poise ships no 'train.csv' for cremad"):
         load_dataset(f"cremad:{raw}", SMALL, DataConfig())
+
+
+def test_shipped_kinetics_sounds_class_list_names_only_the_shipped_lists(tmp_path, monkeypatch):
+    """A raw folder with clips alone reads the shipped lists and their class names; a folder with lists of
+    its own and no class file keeps integer labels (its own class count), so the shipped 31 names never
+    relabel, or refuse, a user's own list; ``prepare`` copies the class file only with the shipped lists."""
+    import poise.data.splitlists as splitlists
+    from poise.data.prepare import TARGETS
+
+    clips = [f"vid{i:08d}_000001_000011" for i in range(8)]
+    raw = tmp_path / "ks"
+    _av_clips(raw, clips)
+    shipped = tmp_path / "shipped"
+    (shipped / "kinetics_sounds").mkdir(parents=True)
+    (shipped / "kinetics_sounds" / "class.txt").write_text("bowling\nsinging\n")
+    (shipped / "kinetics_sounds" / "my_train.txt").write_text("".join(f"{c},10,{i % 2}\n" for i, c in enumerate(clips[:6])))
+    (shipped / "kinetics_sounds" / "my_test.txt").write_text("".join(f"{c},10,{i % 2}\n" for i, c in enumerate(clips[6:])))
+    monkeypatch.setattr(splitlists, "SHIPPED_DIR", shipped)
+    splits = load_dataset(f"kinetics_sounds:{raw}", SMALL, DataConfig(val_fraction=0.34))
+    assert splits.info.class_names == ("bowling", "singing") and len(splits.test) == 2
+    # the user's own lists, three classes, no class file
+    (raw / "my_train.txt").write_text("".join(f"{c},10,{i % 3}\n" for i, c in enumerate(clips[:6])))
+    (raw / "my_test.txt").write_text("".join(f"{c},10,{i % 3}\n" for i, c in enumerate(clips[6:])))
+    splits = load_dataset(f"kinetics_sounds:{raw}", SMALL, DataConfig(val_fraction=0.34))
+    assert splits.info.num_classes == 3 and splits.info.class_names == ("0", "1", "2")
+    assert splitlists.shipped_list("kinetics_sounds", "class.txt", raw) is None
+    (raw / "my_train.txt").unlink()
+    (raw / "my_test.txt").unlink()
+    assert splitlists.shipped_list("kinetics_sounds", "class.txt", raw) == shipped / "kinetics_sounds" / "class.txt"
+    assert TARGETS["kinetics_sounds"].lists() == ("my_train.txt", "my_test.txt", "class.txt")
 
 
 def test_prepare_copies_the_shipped_list_when_the_raw_folder_has_none(tmp_path, monkeypatch):

@@ -204,9 +204,12 @@ def listed_rows(root: Path, files: dict[str, str], parse: Callable[[list[str]], 
 
 
 def kinetics_sounds_rows(root: Path, options: KineticsSoundsOptions) -> tuple[list[ClipRow], list[str]]:
-    return listed_rows(root, {"train": options.train_list, "test": options.test_list}, lambda f: (f[0], f[-1]),
-                       "Kinetics-Sounds", read_class_file(list_path(root, "kinetics_sounds", options.classes_file)),
-                       dataset="kinetics_sounds")
+    """poise's shipped class file (OGM-GE's 31 classes) names the classes of poise's shipped lists only:
+    lists of a user's own without a class file keep integer labels."""
+    lists = (options.train_list, options.test_list)
+    class_file = list_path(root, "kinetics_sounds", options.classes_file, described=lists)
+    return listed_rows(root, dict(zip(("train", "test"), lists)), lambda f: (f[0], f[-1]),
+                       "Kinetics-Sounds", read_class_file(class_file), dataset="kinetics_sounds")
 
 
 # ---- AVE --------------------------------------------------------------------------------------------

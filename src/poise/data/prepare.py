@@ -455,7 +455,7 @@ def run_prepare(dataset: str, raw: Path, out: Path, workers: int = 1, progress: 
         elif (raw / name).is_dir():
             shutil.copytree(raw / name, out / name, dirs_exist_ok=True)
             lists[name] = "raw folder"
-        elif (shipped := shipped_list(dataset, name)) is not None:  # the raw distribution has no list: poise's copy
+        elif (shipped := shipped_list(dataset, name, raw)) is not None:  # the raw distribution has no list: poise's copy
             shutil.copyfile(shipped, out / name)
             lists[name] = "shipped with poise"
     failures: list[tuple[str, str, str]] = []
