@@ -129,6 +129,10 @@ def test_report_draws_learning_curves_and_the_gap_only_from_runs_that_logged_the
     runs = [{"method": "mla", "history": [entry(e, True) for e in range(3)]},
             {"method": "joint", "history": [entry(e, False) for e in range(3)]}]
     assert write_learning_curves({"runs": runs}, tmp_path) == ["learning_curves.png", "modality_gap.png"]
-    assert (tmp_path / "learning_curves.png").stat().st_size > 0
+    from PIL import Image
+
+    for name, min_width in (("learning_curves.png", 700), ("modality_gap.png", 700)):
+        width, height = Image.open(tmp_path / name).size
+        assert width >= min_width and height >= 350, name  # readable at 100 %, not a thumbnail
     old = [{"method": "joint", "history": [{"epoch": 0, "val": {"accuracy": 0.5}}]}]
     assert write_learning_curves({"runs": old}, tmp_path / "none") == []

@@ -286,6 +286,32 @@ def palette(n: int) -> list:
     return colours[:n]
 
 
+def _grid(n: int, cols_max: int = 4, width: float = 3.6, height: float = 2.8, sharey: bool = False):
+    """A figure of ``n`` panels, at most ``cols_max`` a row, each ``width`` x ``height`` inches; the spare
+    panels of the last row are blank. Returns the figure and all its axes, the ``n`` in use first."""
+    import matplotlib.pyplot as plt
+
+    cols = min(cols_max, max(1, n))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False, sharey=sharey)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def _legend_on_top(fig, axes) -> None:
+    """One legend for the figure, above its panels (covering none), each label once."""
+    handles, labels = {}, []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    if handles:
+        fig.legend([handles[lab] for lab in labels], labels, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                   ncol=min(len(labels), 6), frameon=False)
+
+
 #: what a method records, with its unit, by the record's name without its modality part
 QUANTITIES = {
     "coef": "gradient coefficient k (unitless)",
@@ -372,15 +398,7 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
     band_note = "Lines: mean over seeds; bands: ± one sample standard deviation over seeds."
     plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 9})
 
-    def grid(n, cols_max=4, width=3.6, height=2.8, sharey=False):
-        cols = min(cols_max, max(1, n))
-        rows = math.ceil(n / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False,
-                                 sharey=sharey)
-        for ax in axes.flat[n:]:
-            ax.axis("off")
-        return fig, list(axes.flat)
-
+    grid = _grid
     band = _band
     def epochs_axis(ax):
         ax.set_xlabel("epoch")
@@ -390,16 +408,7 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
         save_figure(fig, out / name)
         written.append(name)
 
-    def legend_on_top(fig, axes):
-        handles, labels = {}, []
-        for ax in axes:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                if lab not in handles:
-                    handles[lab] = h
-                    labels.append(lab)
-        if handles:
-            fig.legend([handles[lab] for lab in labels], labels, loc="lower center", bbox_to_anchor=(0.5, 1.0),
-                       ncol=min(len(labels), 6), frameon=False)
+    legend_on_top = _legend_on_top
 
     # accuracy per method: one quantity (validation accuracy, %), one y-range for every panel
     mod_colours = dict(zip(mods, palette(len(mods))))
@@ -600,59 +609,75 @@ def write_decision_plots(results: dict, out: Path) -> list[str]:
 
 
 def write_learning_curves(results: dict, out: Path) -> list[str]:
-    """learning_curves.png: per method (rows) and head (columns: fused, then each modality), the training
-    loss (solid) and validation loss (dashed) over epochs, mean over seeds, as in G-Blend's
-    learning-curve figure; modality_gap.png: the gap between each pair of modalities' feature centroids
-    over epochs, for the runs whose fusion puts features in one space. Runs without these logs are left out."""
+    """learning_curves.png: per method (one panel each), the training loss (solid) and validation loss
+    (dashed) of every head (fused, then each modality) over epochs, as in G-Blend's learning-curve figure,
+    on one shared log-scaled loss axis; modality_gap.png: the distance between each pair of modalities'
+    feature centroids over epochs, for the runs whose fusion puts features in one space. Lines are means over
+    seeds, bands ± one sample std; legends sit outside the panels. Runs without these logs are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 9})
     groups = {k: v for k, v in group_runs(results).items()
               if any(h.get("head_train_loss") for r in v for h in r["history"])}
     written = []
 
     def save(fig, name):
-        fig.tight_layout()
-        save_figure(fig, out / name, dpi=80, tight_bbox=False)
+        save_figure(fig, out / name)
         written.append(name)
+
+    def seeds(runs):
+        return f"{len(runs)} seed{'s' * (len(runs) > 1)}"
 
     if groups:
         heads = list(dict.fromkeys(k for v in groups.values() for r in v for h in r["history"]
                                    for k in h.get("head_train_loss", {})))
-        fig, axes = plt.subplots(len(groups), len(heads), figsize=(3.0 * len(heads), 2.3 * len(groups)), squeeze=False)
-        for row, (method, runs) in zip(axes, groups.items()):
-            for ax, head in zip(row, heads):
-                train = _curves(runs, lambda h, k=head: h.get("head_train_loss", {}).get(k))
-                val = _curves(runs, lambda h, k=head: (h.get("val") or {}).get("head_loss", {}).get(k))
-                if train is None and val is None:
-                    ax.axis("off")
-                    continue
+        colours = dict(zip(heads, ["black"] + palette(max(1, len(heads) - 1)) if heads[0] == "fused"
+                           else palette(len(heads))))
+        fig, axes = _grid(len(groups), sharey=True)
+        for ax, (method, runs) in zip(axes, groups.items()):
+            for head in heads:
+                train = _series(runs, lambda h, k=head: h.get("head_train_loss", {}).get(k))
+                val = _series(runs, lambda h, k=head: (h.get("val") or {}).get("head_loss", {}).get(k))
                 if train is not None:
-                    ax.plot(train, color="C0", label="train")
+                    _band(ax, train, colours[head], f"{head}: training", positive=True)
                 if val is not None:
-                    ax.plot(val, color="C1", linestyle="--", label="validation")
-                ax.set_title(f"{method}: {head}", fontsize=8)
-                ax.set_xlabel("epoch", fontsize=7)
-                ax.set_ylabel("CE loss", fontsize=7)
-                ax.tick_params(labelsize=6)
-                ax.legend(fontsize=6)
+                    _band(ax, val, colours[head], f"{head}: validation", linestyle="--", positive=True)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_tick_params(labelleft=True)
+            ax.set_title(f"{method} ({seeds(runs)})")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("cross-entropy (nats, log scale)")
+            ax.grid(alpha=0.3, which="both")
+        _legend_on_top(fig, axes)
+        fig.tight_layout()
         save(fig, "learning_curves.png")
 
     with_gap = {k: v for k, v in group_runs(results).items()
                 if any((h.get("val") or {}).get("modality_gap") for r in v for h in r["history"])}
     if with_gap:
-        fig, ax = plt.subplots(figsize=(5.0, 3.2))
-        for i, (method, runs) in enumerate(with_gap.items()):
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        colours = dict(zip(with_gap, palette(len(with_gap))))
+        for method, runs in with_gap.items():
             pairs = list(dict.fromkeys(k for r in runs for h in r["history"] for k in (h.get("val") or {}).get("modality_gap", {})))
             for j, pair in enumerate(pairs):
-                c = _curves(runs, lambda h, k=pair: (h.get("val") or {}).get("modality_gap", {}).get(k))
-                if c is not None:
-                    ax.plot(c, color=f"C{i % 10}", linestyle=["-", "--", ":", "-."][j % 4], label=f"{method} {pair}")
+                values = _series(runs, lambda h, k=pair: (h.get("val") or {}).get("modality_gap", {}).get(k))
+                if values is not None:
+                    label = f"{method} ({seeds(runs)})" + (f", {pair}" if len(pairs) > 1 else "")
+                    _band(ax, values, colours[method], label, linestyle=["-", "--", ":", "-."][j % 4])
         ax.set_xlabel("epoch")
-        ax.set_ylabel("centroid distance")
-        ax.set_title("modality gap (validation)", fontsize=9)
-        ax.legend(fontsize=6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("distance between feature centroids\n(feature units)")
+        ax.set_title("modality gap on the validation split")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title="method")
+        fig.tight_layout()
         save(fig, "modality_gap.png")
     return written
