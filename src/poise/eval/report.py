@@ -611,7 +611,8 @@ def write_decision_plots(results: dict, out: Path) -> list[str]:
 def write_learning_curves(results: dict, out: Path) -> list[str]:
     """learning_curves.png: per method (one panel each), the training loss (solid) and validation loss
     (dashed) of every head (fused, then each modality) over epochs, as in G-Blend's learning-curve figure,
-    on one shared log-scaled loss axis; modality_gap.png: the distance between each pair of modalities'
+    on a log-scaled loss axis per panel (one method's loss spike would flatten every other panel on a shared
+    one; the figure compares heads and splits within a method); modality_gap.png: the distance between each pair of modalities'
     feature centroids over epochs, for the runs whose fusion puts features in one space. Lines are means over
     seeds, bands ± one sample std; legends sit outside the panels. Runs without these logs are left out."""
     import matplotlib
@@ -637,7 +638,7 @@ def write_learning_curves(results: dict, out: Path) -> list[str]:
                                    for k in h.get("head_train_loss", {})))
         colours = dict(zip(heads, ["black"] + palette(max(1, len(heads) - 1)) if heads[0] == "fused"
                            else palette(len(heads))))
-        fig, axes = _grid(len(groups), sharey=True)
+        fig, axes = _grid(len(groups))
         for ax, (method, runs) in zip(axes, groups.items()):
             for head in heads:
                 train = _series(runs, lambda h, k=head: h.get("head_train_loss", {}).get(k))
@@ -647,10 +648,13 @@ def write_learning_curves(results: dict, out: Path) -> list[str]:
                 if val is not None:
                     _band(ax, val, colours[head], f"{head}: validation", linestyle="--", positive=True)
             ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            low, high = ax.get_ylim()
+            decades = math.log10(high / low) if low > 0 and high > low else 1.0
+            # 1-2-5 ticks over a few decades; over many, powers of ten only (labels would overlap)
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,),
+                                                  numticks=8))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
-            ax.yaxis.set_tick_params(labelleft=True)
             ax.set_title(f"{method} ({seeds(runs)})")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
