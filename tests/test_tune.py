@@ -71,7 +71,8 @@ def test_search_space_holds_the_shared_options_and_the_methods_own():
     assert list(search_space("joint")) == ["trainer.lr"]
     assert set(search_space("ogm_ge")) == {"trainer.lr", "method.ogm_ge.alpha"}
     assert "method.distill.lambda" in search_space("distill")  # the option's name as users write it
-    for required in ("ogm", "ogm_ge", "opm", "gblend", "mla", "boost_weak", "pmr", "agm", "mmcosine", "mmpareto"):
+    for required in ("ogm", "ogm_ge", "opm", "gblend", "mla", "boost_weak", "pmr", "agm", "mmcosine", "mmpareto",
+                     "lfm", "cggm", "cml", "amco", "arl", "greedy", "dimml", "g2d", "remix"):
         assert len(search_space(required)) > 1, required
     assert overrides({"trainer.lr": 0.1, "method.ogm.alpha": 0.3}) == {"trainer": {"lr": 0.1}, "method": {"ogm": {"alpha": 0.3}}}
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from poise.config import FloatRange
 from poise.errors import IncompatibleError
 from poise.functional.amco import amco_class_mask, amco_mask_fraction, amco_softmax_mass
 from poise.functional.losses import present_cross_entropy
@@ -39,6 +40,8 @@ class AMCoParams(MethodParams):
         "step's unmasked logits, unimodal CE on unmasked logits; released: BalanceBenchmark's l (reset to 0 "
         "every epoch, + epoch/10 per step), dominance from the previous step's masked logits, unimodal CE on "
         "the masked logits")
+
+    tunable = {"sigma": FloatRange(0.4, 0.8), "eps": FloatRange(0.1, 0.6)}
 
 
 class AMCo(Method):

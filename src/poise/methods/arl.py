@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from poise.config import FloatRange
 from poise.functional.arl import arl_dependence_weights, logit_magnitude
 from poise.functional.mla import prediction_entropy
 from poise.functional.losses import present_cross_entropy
@@ -34,6 +35,8 @@ class ARLParams(MethodParams):
     temperature: float = Field(8.0, gt=0, description="T of softmax(T v b) (released 8)")
     start: int = Field(5, ge=0, description="warm-up: the weighting acts from epoch start + 1 on (0-based, released 5)")
     entropy_floor: float = Field(0.3, ge=0, lt=1, description="floor of a modality's entropy share (released 0.3)")
+
+    tunable = {"gamma": FloatRange(0.5, 8.0, log=True), "temperature": FloatRange(1.0, 16.0, log=True)}
 
 
 class ARL(Method):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from poise.config import FloatRange
 from poise.functional.cggm import cggm_coefficients, cggm_direction_loss, gradient_cosines, head_weight_gradient
 from poise.methods.base import Method, MethodParams
 from poise.models.init import init_weights
@@ -43,6 +44,8 @@ class CGGMParams(MethodParams):
     )
     classifier_lr: float = Field(5e-4, gt=0, description="learning rate of the classifiers' AdamW (released 5e-4)")
     classifier_weight_decay: float = Field(3e-3, ge=0, description="weight decay of the classifiers' AdamW (released 3e-3)")
+
+    tunable = {"rho": FloatRange(1.0, 2.0), "direction_weight": FloatRange(0.01, 0.5, log=True)}
 
 
 class CGGM(Method):

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from poise.config import FloatRange
 from poise.functional.cml import cml_confidence_penalty, removal_chain
 from poise.methods.base import Method, MethodParams
 from poise.train.distributed import all_reduce_sum, world_size
@@ -41,6 +42,8 @@ class CMLParams(MethodParams):
         if self.modulation_ends < self.modulation_starts:
             raise ValueError(f"modulation_ends ({self.modulation_ends}) is before modulation_starts ({self.modulation_starts})")
         return self
+
+    tunable = {"lam": FloatRange(0.01, 1.0, log=True)}
 
 
 class CML(Method):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from poise.config import FloatRange
 from poise.functional.dimml import (
     confidence_weighted_logits,
     decoupled_dimensions,
@@ -51,6 +52,8 @@ class DIMMLParams(MethodParams):
         "(released: 20 after 150), at least 1 when the run has 2 epochs or more; 0: no stage 2")
     fusion_temperature: float = Field(1.0, gt=0, description="temperature of the confidence weights at test time "
                                       "(released: 1)")
+
+    tunable = {"weight": FloatRange(0.1, 4.0, log=True), "temperature": FloatRange(0.1, 2.0, log=True)}
 
 
 class DIMML(Method):

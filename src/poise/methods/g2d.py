@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from poise.config import FloatRange
 from poise.errors import DataError
 from poise.functional.g2d import logit_distillation_loss, smp_coefficients, teacher_confidence_sums
 from poise.functional.teachers import feature_distillation_losses
@@ -42,6 +43,8 @@ class G2DParams(MethodParams):
     teacher_epochs: int | None = Field(None, ge=1, description="epochs of each teacher's training (default: trainer.epochs)")
     teacher_checkpoints: dict[str, str] = Field(
         default_factory=dict, description="modality -> best.pt of a unimodal run, used as that modality's teacher")
+
+    tunable = {"feature_weight": FloatRange(0.1, 10.0, log=True), "logit_weight": FloatRange(0.1, 10.0, log=True)}
 
 
 class G2D(Method):

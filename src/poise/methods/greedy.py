@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from poise.config import FloatRange, IntRange
 from poise.errors import IncompatibleError
 from poise.functional.greedy import conditional_learning_speeds, rebalance_target, squared_norm_ratio
 from poise.functional.losses import present_cross_entropy
@@ -37,6 +38,8 @@ class GreedyParams(MethodParams):
     loss: Literal["branches", "fused"] = Field(
         "branches", description="branches: the sum of each branch's cross-entropy (paper, released code); "
         "fused: the cross-entropy of the fused logits (BalanceBenchmark)")
+
+    tunable = {"threshold": FloatRange(1e-4, 1e-2, log=True), "window": IntRange(1, 10)}
 
 
 class Greedy(Method):

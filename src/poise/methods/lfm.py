@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from poise.config import FloatRange
 from poise.data.base import evaluation_view
 from poise.errors import IncompatibleError
 from poise.functional.lfm import (
@@ -70,6 +71,8 @@ class LFMParams(MethodParams):
         if self.hvp_samples > self.holdout_samples:
             raise ValueError(f"hvp_samples ({self.hvp_samples}) exceeds holdout_samples ({self.holdout_samples})")
         return self
+
+    tunable = {"epoch_scale": FloatRange(1.0, 20.0, log=True)}
 
 
 class LFM(Method):

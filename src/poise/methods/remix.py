@@ -18,6 +18,7 @@ from pydantic import Field
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from poise.config import FloatRange, IntRange
 from poise.data.base import evaluation_view
 from poise.data.batch import collate
 from poise.functional.remix import remix_assignment, remix_order
@@ -44,6 +45,8 @@ class RemixParams(MethodParams):
     reassemble: bool = Field(True, description="batch the samples of each modality together (the paper's reassembling); "
                              "false: the split's own shuffled batches, each sample still with its one modality "
                              "(decoupling alone, the paper's ablation)")
+
+    tunable = {"warmup_epochs": IntRange(1, 10), "weight": FloatRange(0.25, 4.0, log=True)}
 
 
 class _Remixed(Dataset):
