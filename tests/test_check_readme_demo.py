@@ -88,3 +88,22 @@ def test_rows_are_grouped_by_family_under_a_row_naming_it_with_their_time_agains
     without_joint = {"dataset": "d", "runs": [run("pmr", 3.0), run("pmr", 2.0)]}
     rows = check.cells(summary_table(without_joint))
     assert [r[0] for r in rows[1:]] == ["pmr"] and rows[1][-1] == "-"  # one family: no row naming it
+
+
+def test_modulate_rows_sit_in_the_family_of_their_actuator():
+    from poise.eval.report import family_of
+    from poise.methods import make_method
+
+    def run(actuator):
+        options = {} if actuator is None else {"modulate": {"actuator": actuator}}
+        return {"method": "modulate", "config": {"method": options}}
+
+    assert family_of("modulate", [run(None)]) == "gradients"  # the default actuator, grad
+    assert family_of("modulate[method.modulate.actuator=loss_weight]", [run("loss_weight")]) == "losses"
+    assert family_of("modulate[method.modulate.actuator=feature_drop]", [run("feature_drop")]) == "features"
+    assert family_of("ogm_ge", [run("loss_weight")]) == "gradients"  # ogm_ge's actuator is fixed
+    assert family_of("modulate+modality_dropout[method.modulate.actuator=lr]",
+                     [run("lr")]) == "gradients + features"
+    assert make_method("modulate", {"actuator": "loss_weight"}).family == "losses"
+    assert make_method("modulate", {"actuator": "feature_drop"}).family == "features"
+    assert make_method("ogm").family == "gradients"

@@ -56,16 +56,22 @@ def modalities_of(results: dict) -> list[str]:
     return list(seen)
 
 
-def family_of(spec: str) -> str:
+def family_of(spec: str, runs: list[dict] | None = None) -> str:
     """What a results row's method acts on (``poise.methods.base.FAMILIES``): ``ogm_ge[model.fusion=mfb]`` ->
     ``gradients``; a combination ``a+b`` -> its parts' families joined by `` + ``; ``other`` for a name that
-    is not registered (results of another poise)."""
+    is not registered (results of another poise). With the row's ``runs``, a method whose family depends on
+    its options (``modulate``'s actuator) is placed by the options its first run recorded."""
     from poise.methods.registry import METHODS
 
+    recorded = ((runs or [{}])[0].get("config") or {}).get("method") or {}
     families: dict[str, None] = {}
     for part in spec.partition("[")[0].split("+"):
         name = part.strip().partition(":")[0]
-        families[getattr(METHODS[name], "family", "other") if name in METHODS else "other"] = None
+        if name not in METHODS:
+            families["other"] = None
+            continue
+        cls = METHODS[name]
+        families[cls.family_for(recorded.get(name) or {}) if hasattr(cls, "family") else "other"] = None
     return " + ".join(families)
 
 
@@ -76,7 +82,7 @@ def grouped_by_family(results: dict) -> list[tuple[str, list[tuple[str, list[dic
 
     groups: dict[str, list[tuple[str, list[dict]]]] = defaultdict(list)
     for method, runs in group_runs(results).items():
-        groups[family_of(method)].append((method, runs))
+        groups[family_of(method, runs)].append((method, runs))
     order = [f for f in FAMILIES if f in groups] + [f for f in groups if f not in FAMILIES]
     return [(f, groups[f]) for f in order]
 

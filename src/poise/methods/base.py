@@ -109,6 +109,12 @@ class Method:
     #: accumulating micro-batches changes none of them (the conformance test checks it)
     per_batch_decisions: ClassVar[bool] = False
 
+    @classmethod
+    def family_for(cls, options: dict[str, Any]) -> str:
+        """The family of this method with ``options`` (its ``method.<name>`` options as a run records them):
+        ``family`` unless what the method acts on depends on an option."""
+        return cls.family
+
     def __init__(self, params: MethodParams | dict[str, Any] | None = None, **kwargs: Any):
         if isinstance(params, MethodParams):
             self.params = params

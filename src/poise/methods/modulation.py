@@ -165,6 +165,11 @@ def feature_drop_scale(k: Tensor, batch_size: int, generator: torch.Generator | 
     return keep, keep.to(k.dtype) / k.clamp_min(1e-6)
 
 
+#: what each actuator acts on (``poise.methods.base.FAMILIES``)
+ACTUATOR_FAMILIES = {"grad": "gradients", "grad_noise": "gradients", "lr": "gradients", "loss_weight": "losses",
+                     "feature_drop": "features"}
+
+
 # ---- the method ------------------------------------------------------------------------------------
 class ModulateParams(MethodParams):
     estimator: Literal["confidence", "shapley"] = Field("confidence", description="what measures the imbalance")
@@ -224,10 +229,17 @@ class Modulated(Method):
         except ValueError as err:
             raise IncompatibleError(f"method '{self.name}': {err}") from None
         self._estimator = ESTIMATORS[self.component("estimator")]()
+        self.family = self.family_for({"actuator": self.component("actuator")})
         self._modalities: tuple[str, ...] = ()
         self._groups: list[list[nn.Parameter]] = []
         self._encoder_groups: dict[str, list[dict]] = {}
         self._scheduled_lr: list[tuple[dict, float]] = []
+
+    @classmethod
+    def family_for(cls, options: dict[str, Any]) -> str:
+        """Gradient actuators act on gradients; ``loss_weight`` on the losses; ``feature_drop`` on features."""
+        actuator = cls.actuator or options.get("actuator") or ModulateParams.model_fields["actuator"].default
+        return ACTUATOR_FAMILIES.get(actuator, cls.family)
 
     def component(self, kind: str) -> str:
         fixed = getattr(type(self), kind)
