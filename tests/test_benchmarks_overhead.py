@@ -41,3 +41,16 @@ def test_unknown_setting_and_method_are_refused(trainer_overhead):
         trainer_overhead.main(["--settings", "imagenet"])
     with pytest.raises(SystemExit, match="unknown method 'ogmx'"):
         trainer_overhead.main(["--settings", "avdigits", "--methods", "ogmx"])
+
+
+def test_ge_noise_benchmark_times_poise_the_released_form_and_the_samplers(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import ge_noise
+
+    groups = ge_noise.cremad_gradients()
+    assert sum(p.numel() for g in groups for p in g) > 22_000_000  # both ResNet-18s' weight tensors
+    assert ge_noise.main(["--rounds", "1"]) == 0
+    text = capsys.readouterr().out
+    for row in ("| poise GE step |", "| released form |", "| torch normal_ |", "| torch uniform_ |"):
+        assert row in text
+    assert "drawing 22.3 M numbers with torch's normal_ alone" in text
