@@ -180,6 +180,9 @@ def one_sentence(capsys) -> str:
         (["train", "--dataset", "npz:array.npz", "--method", "joint", "--out", "X"], "is a single .npy array, not a .npz"),
         (["train", "--dataset", "npz:objects.npz", "--method", "joint", "--out", "X"], "array 'a' holds Python objects"),
         (["report", "norun"], "'norun/results.json' holds no runs"),
+        (["report", "nodataset"], "'nodataset/results.json' is not a poise results file: it has no 'dataset' field"),
+        (["report", "notjson"], "'notjson/results.json' is not a poise results file: it is not JSON (Expecting value at "
+                                "line 1, column 13)"),
     ],
 )
 def test_bad_inputs_of_the_first_hour(argv, message, capsys, tmp_path, monkeypatch):
@@ -198,6 +201,10 @@ def test_bad_inputs_of_the_first_hour(argv, message, capsys, tmp_path, monkeypat
     np.savez(tmp_path / "objects.npz", labels=np.array([0, 1]), a=np.array([{"x": 1}, None], dtype=object))
     (tmp_path / "norun").mkdir()
     (tmp_path / "norun" / "results.json").write_text('{"dataset": "synthetic", "runs": []}')
+    (tmp_path / "nodataset").mkdir()
+    (tmp_path / "nodataset" / "results.json").write_text('{"runs": []}')
+    (tmp_path / "notjson").mkdir()
+    (tmp_path / "notjson" / "results.json").write_text('{"dataset": ')
     assert main(argv) == 2
     assert message in one_sentence(capsys)
     assert not (tmp_path / "X").exists()

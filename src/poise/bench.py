@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from poise.config import RunConfig, build_config, parse_set
-from poise.errors import ConfigError, closest
+from poise.errors import ConfigError, closest, json_problem
 from poise.methods.registry import METHODS, balancing_methods, make_method
 from poise.runs import (  # noqa: F401  (the run-assembly API lives in poise.runs; importable from here too)
     RUN_FILE,
@@ -303,7 +303,7 @@ def _resumable(out: Path, dataset: str, jobs: list[tuple[str, int]], configs: di
             earlier = json.loads(path.read_text())
             runs = {(r["method"], r["seed"]): r for r in earlier["runs"]}
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ConfigError(f"cannot resume: '{path}' is not a poise results file ({err})") from None
+            raise ConfigError(f"cannot resume: '{path}' is not a poise results file: {json_problem(err)}") from None
         if earlier.get("dataset") != dataset:
             raise ConfigError(f"cannot resume: '{path}' is a bench on '{earlier.get('dataset')}', not on '{dataset}'")
         for job in jobs:

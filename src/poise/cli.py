@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from poise.errors import ConfigError, PoiseError
+from poise.errors import ConfigError, PoiseError, json_problem
 
 
 def _common(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
@@ -394,7 +394,7 @@ def cmd_report(args) -> int:
         results = json.loads(path.read_text())
         results["dataset"], results["runs"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise PoiseError(f"'{path}' is not a poise results file: {e}") from None
+        raise PoiseError(f"'{path}' is not a poise results file: {json_problem(e)}") from None
     if not isinstance(results["runs"], list) or not results["runs"]:
         raise PoiseError(f"'{path}' holds no runs: nothing to report (the bench stopped before its first run finished; "
                          "continue it with poise bench ... --resume)")

@@ -29,3 +29,15 @@ def closest(name: str, choices: Iterable[str]) -> str:
     if match:
         return f" (did you mean '{match[0]}'?)"
     return f" (valid: {', '.join(choices)})" if choices else ""
+
+
+def json_problem(err: Exception) -> str:
+    """What is wrong with a JSON file that poise failed to read, in words: not JSON (where), a missing
+    field (which), or a field of the wrong kind."""
+    import json
+
+    if isinstance(err, json.JSONDecodeError):
+        return f"it is not JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+    if isinstance(err, KeyError):
+        return f"it has no '{err.args[0]}' field"
+    return f"its content is not laid out as poise writes it ({err})"

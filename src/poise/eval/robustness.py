@@ -17,7 +17,7 @@ import torch
 
 from poise.bench import run_folder
 from poise.runs import RUN_FILE, RunDescription
-from poise.errors import ConfigError, DataError
+from poise.errors import ConfigError, DataError, json_problem
 
 BEST_FILE = "best.pt"
 SPLITS = ("test", "val")
@@ -115,7 +115,8 @@ def bench_run_dirs(bench_dir: Path) -> list[Path]:
     try:
         runs = json.loads(path.read_text())["runs"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataError(f"'{path}' is not a poise results file ({err})") from None
+        raise DataError(f"'{path}' is not a poise results file"
+                        + (f" ({err})" if isinstance(err, OSError) else f": {json_problem(err)}")) from None
     folders = []
     for run in runs:
         folder = run_folder(bench_dir, run["method"], run["seed"])
