@@ -158,9 +158,9 @@ def vectors(n):
 @pytest.mark.parametrize(
     "labels,message",
     [
-        (np.array([1, 2, 3, 4] * 5), r"labels' must be the contiguous classes 0..C-1, but 0 never occur below the largest label 4"),
-        (np.array([0, 1, 2] * 5 + [1000]), r"but 3..999 never occur below the largest label 1000"),
-        (np.array([0, 2] * 5), r"but 1 never occur"),
+        (np.array([1, 2, 3, 4] * 5), r"labels' must be the contiguous classes 0..C-1, but label 0 never occurs below the largest label 4"),
+        (np.array([0, 1, 2] * 5 + [1000]), r"but labels 3..999 never occur below the largest label 1000"),
+        (np.array([0, 2] * 5), r"but label 1 never occurs"),
         (np.array([0, -1] * 5), r"found negative labels -1"),
         (np.zeros(10, dtype=int), "every label is 0"),
         (np.zeros(0, dtype=int), "holds no samples"),

@@ -144,9 +144,10 @@ def class_list(path: Path, labels: np.ndarray, classes: np.ndarray | None) -> tu
     top = int(present[-1])
     if len(present) != top + 1:
         absent = sorted(set(range(top + 1)) - set(present.tolist()))
-        raise DataError(f"'{path}': 'labels' must be the contiguous classes 0..C-1, but {_spans(absent)} never "
-                        f"occur below the largest label {top}; renumber the labels, or name every class in a "
-                        "'classes' array that the labels index")
+        missing = f"label {absent[0]} never occurs" if len(absent) == 1 else f"labels {_spans(absent)} never occur"
+        raise DataError(f"'{path}': 'labels' must be the contiguous classes 0..C-1, but {missing} below the largest "
+                        f"label {top}; renumber the labels, or name every class in a 'classes' array that the labels "
+                        "index")
     if top == 0:
         raise DataError(f"'{path}': every label is 0; classification needs at least two classes")
     return tuple(str(c) for c in range(top + 1))
