@@ -195,3 +195,53 @@ def test_greedy_trains_end_to_end(n, missing):
 def test_greedy_fp16_and_resume(tmp_path):
     check_fp16("greedy", {"start_epoch": 0})
     check_resume("greedy", {"start_epoch": 0}, tmp_path)
+
+
+def _gate_state(trainer) -> dict:
+    mid = trainer.model.mid_fusion
+    return {f"{j}/{name}": buf.tolist() for j, module in enumerate(mid.modules_by_stage)
+            for name, buf in module.named_buffers()}
+
+
+def _greedy_gates() -> dict:
+    splits, _ = synthetic(2, num_samples=256)
+    trainer = Trainer(splits, make_method("greedy", {"start_epoch": 0, "threshold": 0.0}),
+                      fast_config(trainer={"epochs": 2}), seed=0)
+    result = trainer.fit()
+    return {"gates": _gate_state(trainer), "rebalanced": [h["method"] for h in result.history]}
+
+
+def _greedy_worker(rank: int, world: int, port: int, path: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with open(f"{path}/rank{rank}.json", "w") as f:
+            json.dump(_greedy_gates(), f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_keep_the_running_gate_means_of_the_whole_batch(tmp_path):
+    """The re-balancing steps replace gates by their running means: with two processes each holding half of
+    every batch, every process keeps the means (sums and sample count) of all samples, as one process does."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    mp.start_processes(_greedy_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    with torch.random.fork_rng():
+        torch.set_num_threads(1)
+        one = _greedy_gates()
+    assert any(v for h in one["rebalanced"] for k, v in h.items() if k.startswith("rebalanced/"))
+    for rank in range(2):
+        two = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert two["gates"].keys() == one["gates"].keys()
+        for key, values in one["gates"].items():
+            assert two["gates"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key

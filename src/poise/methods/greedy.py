@@ -62,6 +62,8 @@ class Greedy(Method):
         if not isinstance(mid, MMTMFusion):
             raise IncompatibleError("method 'greedy' needs the mmtm mid-fusion between the encoders; leave "
                                     "model.mid_fusion unset or set it to mmtm")
+        # the re-balancing steps read the running mean gates: over every process's samples
+        mid.reduce_gate_sums = True
         self._modalities = tuple(ctx.model.modalities)
         n = len(self._modalities)
         self.add_state("bypass", torch.zeros(n, device=ctx.device))

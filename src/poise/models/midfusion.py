@@ -10,7 +10,10 @@ uses 1).
 
 It keeps the sample-weighted mean of every gate over the training forwards (buffers, checkpointed with
 the model): ``cut`` names modalities whose gates are replaced by that mean, so that no information from
-the other modalities reaches their branch (the greedy method's re-balancing steps).
+the other modalities reaches their branch (the greedy method's re-balancing steps). With
+``reduce_gate_sums`` (set by a method that reads the means) and several processes, every training
+forward adds the gate sums of all processes' samples, so each process keeps the mean over the whole
+batch, as one process would.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch import distributed as dist
 
 from poise.errors import IncompatibleError
 from poise.functional.greedy import mmtm
@@ -48,7 +52,7 @@ class MMTM(nn.Module):
         return torch.where(count > 0, total / count.clamp_min(1), torch.ones_like(total))
 
     def forward(self, maps: dict[str, Tensor], present: dict[str, Tensor] | None = None,
-                cut: tuple[str, ...] = ()) -> dict[str, Tensor]:
+                cut: tuple[str, ...] = (), reduce_gate_sums: bool = False) -> dict[str, Tensor]:
         order = self.modalities
         fixed = {i: self.mean_gate(m) for i, m in enumerate(order) if m in cut}
         gated, gates = mmtm(
@@ -58,9 +62,16 @@ class MMTM(nn.Module):
         )
         if self.training and not cut:
             with torch.no_grad():
-                for m, g in zip(order, gates):
-                    getattr(self, f"gate_sum_{m}").add_(g.detach().float().sum(0))
-                self.gate_count.add_(gates[0].shape[0])
+                sums = [g.detach().float().sum(0) for g in gates]
+                count = torch.full((1,), float(gates[0].shape[0]), device=sums[0].device)
+                if reduce_gate_sums and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    flat = torch.cat([*sums, count])
+                    dist.all_reduce(flat)
+                    sums = list(flat[:-1].split([s.numel() for s in sums]))
+                    count = flat[-1:]
+                for m, s in zip(order, sums):
+                    getattr(self, f"gate_sum_{m}").add_(s)
+                self.gate_count.add_(count[0])
         return dict(zip(order, gated))
 
 
@@ -86,6 +97,9 @@ class MMTMFusion(nn.Module):
             for j in range(stages)
         )
         self.cut: tuple[str, ...] = ()
+        #: add every process's gate sums in each training forward (a collective: set only where every
+        #: process runs the same training forwards, as a method's training steps do)
+        self.reduce_gate_sums = False
         init_weights(self)
 
     def excitation_parameters(self, modality: str) -> list[nn.Parameter]:
@@ -107,7 +121,7 @@ class MMTMFusion(nn.Module):
             maps[m] = h
         for j, module in enumerate(self.modules_by_stage):
             maps = {m: encoders[m].stage(self.counts[m] - self.stages + j, h) for m, h in maps.items()}
-            maps = module(maps, present, self.cut)
+            maps = module(maps, present, self.cut, self.reduce_gate_sums)
         return {m: encoders[m].readout(h) for m, h in maps.items()}
 
 
