@@ -61,9 +61,12 @@ class MultimodalModel(nn.Module):
         encoded = None
         if self.mid_fusion is not None:  # every encoder runs: the mid-fusion mixes them
             encoded = self.mid_fusion.encode(self.encoders, {m: batch.inputs[m] for m in self.modalities}, present)
+        # a batch held on the CPU with every modality present skips the masks: h * 1 is h, bit for bit
+        # (values and gradients); elsewhere reading the mask would wait for the device
+        complete = batch.present.device.type == "cpu" and bool(batch.present.all())
         for m in modalities or self.modalities:
             h = encoded[m] if encoded is not None else self.encoders[m](batch.inputs[m])
-            features[m] = h * present[m].unsqueeze(1).to(h.dtype)
+            features[m] = h if complete else h * present[m].unsqueeze(1).to(h.dtype)
         return features
 
     def forward(self, batch: MultimodalBatch, feature_scale: FeatureScale | None = None) -> ModelOutput:
