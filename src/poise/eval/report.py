@@ -257,12 +257,6 @@ def _mean_and_spread(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.nan_to_num(std)
 
 
-def _curves(runs: list[dict], getter) -> np.ndarray | None:
-    """The mean over runs of one value per epoch; epochs in which a run did not record it are gaps."""
-    values = _series(runs, getter)
-    return None if values is None else _mean_and_spread(values)[0]
-
-
 def _band(ax, values: np.ndarray, color, label, linestyle: str = "-", positive: bool = False) -> None:
     """The mean over runs per epoch as a line, ± one sample std as a band. A value recorded in some epochs
     only (a diagnosis every K epochs, a phase) is drawn as dots at those epochs, joined by the line."""
@@ -316,6 +310,35 @@ def _legend_on_top(fig, axes) -> None:
     if handles:
         fig.legend([handles[lab] for lab in labels], labels, loc="lower center", bbox_to_anchor=(0.5, 1.0),
                    ncol=min(len(labels), 6), frameon=False)
+
+
+#: font sizes of every report figure
+PLOT_FONTS = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 9}
+
+
+def _epochs_axis(ax) -> None:
+    """An x-axis of epochs: integer ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _log_axis(ax, adaptive: bool = False) -> None:
+    """A log y-axis with 1-2-5 ticks labelled as plain numbers and no minor labels. ``adaptive`` (call it
+    after drawing): powers of ten only, at most 8, once the drawn range spans more than three decades,
+    where 1-2-5 labels would overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    subs, numticks = (1.0, 2.0, 5.0), None
+    if adaptive:
+        low, high = ax.get_ylim()
+        decades = math.log10(high / low) if low > 0 and high > low else 1.0
+        subs, numticks = (subs if decades <= 3 else (1.0,)), 8
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=numticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 #: what a method records, with its unit, by the record's name without its modality part
@@ -395,44 +418,35 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     groups = group_runs(results)
     mods = modalities_of(results)
     written: list[str] = []
     notes: list[str] = []
     band_note = "Lines: mean over seeds; bands: ± one sample standard deviation over seeds."
-    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 9})
-
-    grid = _grid
-    band = _band
-    def epochs_axis(ax):
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    plt.rcParams.update(PLOT_FONTS)
 
     def save(fig, name):
         save_figure(fig, out / name)
         written.append(name)
 
-    legend_on_top = _legend_on_top
-
     # accuracy per method: one quantity (validation accuracy, %), one y-range for every panel
     mod_colours = dict(zip(mods, palette(len(mods))))
-    fig, axes = grid(len(groups), sharey=True)
+    fig, axes = _grid(len(groups), sharey=True)
     for ax, (method, runs) in zip(axes, groups.items()):
         for m in mods:
             values = _series(runs, lambda h, m=m: (h["val"] or {}).get("unimodal_accuracy", {}).get(m))
             if values is not None:
-                band(ax, values * 100, mod_colours[m], f"{m} head")
+                _band(ax, values * 100, mod_colours[m], f"{m} head")
         values = _series(runs, lambda h: (h["val"] or {}).get("accuracy"))
         if values is not None:
-            band(ax, values * 100, "black", "fused", linestyle="--")
+            _band(ax, values * 100, "black", "fused", linestyle="--")
         ax.set_title(f"{method} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-        epochs_axis(ax)
+        _epochs_axis(ax)
         ax.set_ylabel("validation accuracy (%)")
         ax.yaxis.set_tick_params(labelleft=True)
         ax.grid(alpha=0.3)
-    legend_on_top(fig, axes)
+    _legend_on_top(fig, axes)
     fig.tight_layout()
     save(fig, "unimodal_accuracy.png")
 
@@ -440,20 +454,17 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
                   if any(h.get("confidence_ratio") for r in v for h in r["history"])}
     if with_ratio:
         colours = dict(zip(with_ratio, palette(len(with_ratio))))
-        fig, axes = grid(len(mods), cols_max=2, width=5.0, height=3.6, sharey=True)
+        fig, axes = _grid(len(mods), cols_max=2, width=5.0, height=3.6, sharey=True)
         for ax, m in zip(axes, mods):
             for method, runs in with_ratio.items():
                 values = _series(runs, lambda h, m=m: h["confidence_ratio"].get(m))
                 if values is not None:
-                    band(ax, values, colours[method], method, positive=True)
+                    _band(ax, values, colours[method], method, positive=True)
             ax.axhline(1.0, color="grey", lw=0.8, linestyle=":")
-            ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
+            _log_axis(ax)
             ax.yaxis.set_tick_params(which="both", labelleft=True)
             ax.set_title(f"{m}: confidence ratio (1 = balanced)")
-            epochs_axis(ax)
+            _epochs_axis(ax)
             ax.set_ylabel("confidence ratio ρ (unitless, log scale)")
             ax.yaxis.set_tick_params(labelleft=True)
             ax.grid(alpha=0.3, which="both")
@@ -480,7 +491,7 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
         series_names = list(dict.fromkeys(split_record(k)[1] for _, _, keys in panels for k in keys))
         others = [s for s in series_names if s not in mod_colours]
         series_colours = {**mod_colours, **dict(zip(others, palette(len(mods) + len(others))[len(mods):]))}
-        fig, axes = grid(len(panels), width=3.8, height=3.0)
+        fig, axes = _grid(len(panels), width=3.8, height=3.0)
         once = []
         for ax, (method, quantity, keys) in zip(axes, panels):
             runs = with_records[method]
@@ -499,8 +510,8 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
             else:
                 for k, values in per_key.items():
                     name = split_record(k)[1]
-                    band(ax, values, series_colours[name], name if name != quantity else None)
-                epochs_axis(ax)
+                    _band(ax, values, series_colours[name], name if name != quantity else None)
+                _epochs_axis(ax)
             ax.set_title(f"{method}: {quantity}")
             ax.set_ylabel(quantity_label(method, quantity))
             ax.grid(alpha=0.3)
@@ -513,7 +524,7 @@ def write_plots(results: dict, out: Path) -> tuple[list[str], list[str]]:
             high = max(ax.get_ylim()[1] for ax in same)
             for ax in same:
                 ax.set_ylim(low, high)
-        legend_on_top(fig, axes)
+        _legend_on_top(fig, axes)
         fig.tight_layout()
         save(fig, "method_records.png")
         notes.append(f"method_records.png: {band_note} Bars (values decided once): mean over seeds, error bars "
@@ -543,7 +554,6 @@ def write_decision_plots(results: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
-    from matplotlib.ticker import MaxNLocator
 
     written: list[str] = []
     mods = modalities_of(results)
@@ -578,9 +588,8 @@ def write_decision_plots(results: dict, out: Path) -> list[str]:
                     name = split_record(key)[1]
                     _band(ax, values, colours[name], name if name != quantity else None)
             ax.set_title(quantity)
-            ax.set_xlabel("epoch")
+            _epochs_axis(ax)
             ax.set_xlim(-0.5, epochs - 0.5)  # every panel on the run's whole epoch axis
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(textwrap.fill(quantity_label(method, quantity), 34))
             ax.grid(alpha=0.3)
         panels = dict(zip(quantities, axes.flat))
@@ -625,9 +634,8 @@ def write_learning_curves(results: dict, out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 9})
+    plt.rcParams.update(PLOT_FONTS)
     groups = {k: v for k, v in group_runs(results).items()
               if any(h.get("head_train_loss") for r in v for h in r["history"])}
     written = []
@@ -653,17 +661,9 @@ def write_learning_curves(results: dict, out: Path) -> list[str]:
                     _band(ax, train, colours[head], f"{head}: training", positive=True)
                 if val is not None:
                     _band(ax, val, colours[head], f"{head}: validation", linestyle="--", positive=True)
-            ax.set_yscale("log")
-            low, high = ax.get_ylim()
-            decades = math.log10(high / low) if low > 0 and high > low else 1.0
-            # 1-2-5 ticks over a few decades; over many, powers of ten only (labels would overlap)
-            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,),
-                                                  numticks=8))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
+            _log_axis(ax, adaptive=True)
             ax.set_title(f"{method} ({seeds(runs)})")
-            ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            _epochs_axis(ax)
             ax.set_ylabel("cross-entropy (nats, log scale)")
             ax.grid(alpha=0.3, which="both")
         _legend_on_top(fig, axes)
@@ -682,8 +682,7 @@ def write_learning_curves(results: dict, out: Path) -> list[str]:
                 if values is not None:
                     label = f"{method} ({seeds(runs)})" + (f", {pair}" if len(pairs) > 1 else "")
                     _band(ax, values, colours[method], label, linestyle=["-", "--", ":", "-."][j % 4])
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epochs_axis(ax)
         ax.set_ylabel("distance between feature centroids\n(feature units)")
         ax.set_title("modality gap on the validation split")
         ax.grid(alpha=0.3)
