@@ -22,6 +22,7 @@ from poise.functional.extensions import (
     uncertainty_weighted_loss,
 )
 from poise.functional.teachers import feature_distillation_losses
+from poise.functional.losses import present_cross_entropy
 from poise.methods.base import Method, MethodParams, StepPlan
 from poise.methods.modulation import Modulated, separate_param_groups
 from poise.methods.teachers import check_checkpoints, unimodal_models, validation_accuracy
@@ -130,8 +131,7 @@ class UncertaintyWeighting(Method):
         active = [torch.ones((), dtype=torch.bool, device=batch.labels.device)]
         for m in self.terms[1:]:
             rows = batch.present_of(m)
-            per_sample = F.cross_entropy(output.unimodal_logits[m], batch.labels, reduction="none")
-            losses.append((per_sample * rows).sum() / rows.sum().clamp_min(1))
+            losses.append(present_cross_entropy(output.unimodal_logits[m], batch.labels, rows))
             active.append(rows.any())
         contributions = uncertainty_weighted_loss(torch.stack(losses), self.log_variances, torch.stack(active),
                                                   self.params.form)

@@ -19,6 +19,7 @@ from poise.config import FloatRange
 from poise.errors import IncompatibleError
 from poise.functional.confidence import confidence_scores
 from poise.functional.inforeg import add_proximal_gradient, fisher_trace, inforeg_coefficients, prime_window_slope
+from poise.functional.losses import present_cross_entropy
 from poise.methods.base import Method, MethodParams
 from poise.train.distributed import all_reduce_sum
 
@@ -89,11 +90,8 @@ class InfoReg(Method):
         terms = {"ce": F.cross_entropy(output.logits, batch.labels)}
         if self.params.unimodal_loss:
             for m in self._modalities:
-                rows = batch.present_of(m)
-                logits = output.unimodal_logits[m]
                 # mean over the samples that have the modality; 0 (with a graph) when none does
-                ce = F.cross_entropy(logits, batch.labels, reduction="none")
-                terms[f"ce/{m}"] = (ce * rows.to(ce.dtype)).sum() / rows.sum().clamp_min(1)
+                terms[f"ce/{m}"] = present_cross_entropy(output.unimodal_logits[m], batch.labels, batch.present_of(m))
         return terms
 
     def after_backward(self, output: ModelOutput, batch: MultimodalBatch) -> None:
