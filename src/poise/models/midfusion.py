@@ -63,15 +63,15 @@ class MMTM(nn.Module):
         if self.training and not cut:
             with torch.no_grad():
                 sums = [g.detach().float().sum(0) for g in gates]
-                count = torch.full((1,), float(gates[0].shape[0]), device=sums[0].device)
+                count: Tensor | int = gates[0].shape[0]
                 if reduce_gate_sums and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                    flat = torch.cat([*sums, count])
+                    flat = torch.cat([*sums, sums[0].new_full((1,), count)])
                     dist.all_reduce(flat)
-                    sums = list(flat[:-1].split([s.numel() for s in sums]))
-                    count = flat[-1:]
+                    *sums, total = flat.split([*(s.numel() for s in sums), 1])
+                    count = total[0]
                 for m, s in zip(order, sums):
                     getattr(self, f"gate_sum_{m}").add_(s)
-                self.gate_count.add_(count[0])
+                self.gate_count.add_(count)
         return dict(zip(order, gated))
 
 
