@@ -24,19 +24,16 @@ import time
 import numpy as np
 import torch
 
-from poise.data.base import DatasetInfo, ModalitySpec
 from poise.functional.ogm import modulate_gradients, select_modulated_parameters
 from poise.models.model import build_model
+from trainer_overhead import CREMAD_INFO, CREMAD_MODEL
 
 PIECE = 1 << 18
 
 
 def cremad_gradients() -> list[list[torch.Tensor]]:
-    info = DatasetInfo("cremad-size", {"audio": ModalitySpec("spectrogram", (1, 257, 188)),
-                                       "visual": ModalitySpec("frames", (1, 3, 224, 224))}, 6)
     torch.manual_seed(0)
-    model = build_model(info, ("audio", "visual"), "concat", feature_dim=512,
-                        encoders={"audio": "resnet18", "visual": "resnet18"})
+    model = build_model(CREMAD_INFO, tuple(CREMAD_INFO.modalities), "concat", **CREMAD_MODEL)
     groups = [select_modulated_parameters(model.encoders[m], "weights") for m in ("audio", "visual")]
     g = torch.Generator().manual_seed(1)
     for group in groups:

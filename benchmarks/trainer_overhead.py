@@ -60,9 +60,14 @@ CLOCK = time.perf_counter
 BENCH_TRAINER = {"progress": False, "tensorboard": False, "probe": False, "checkpoint": False, "epochs": 1}
 
 
+#: CREMA-D's shapes (one 1 x 257 x 188 spectrogram, one 3 x 224 x 224 frame, 6 classes) and its model
+CREMAD_INFO = DatasetInfo("cremad-size", {"audio": ModalitySpec("spectrogram", (1, 257, 188)),
+                                          "visual": ModalitySpec("frames", (1, 3, 224, 224))}, 6)
+CREMAD_MODEL = {"feature_dim": 512, "encoders": {"audio": "resnet18", "visual": "resnet18"}}
+
+
 def cremad_setting(batches: int) -> tuple[DataSplits, dict]:
-    info = DatasetInfo("cremad-size", {"audio": ModalitySpec("spectrogram", (1, 257, 188)),
-                                       "visual": ModalitySpec("frames", (1, 3, 224, 224))}, 6)
+    info = CREMAD_INFO
     g = torch.Generator().manual_seed(0)
 
     def split(n: int) -> TensorMultimodalDataset:
@@ -71,7 +76,7 @@ def cremad_setting(batches: int) -> tuple[DataSplits, dict]:
 
     layer = {
         "trainer": {"batch_size": 8, "optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4},
-        "model": {"feature_dim": 512, "encoders": {"audio": "resnet18", "visual": "resnet18"}},
+        "model": CREMAD_MODEL,
     }
     return DataSplits(info, split(8 * batches), split(8), split(8)), layer
 
