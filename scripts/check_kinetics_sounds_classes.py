@@ -36,7 +36,11 @@ def read_annotations(paths: list[Path]) -> dict[str, set[str]]:
 
 def check(splits: Path, annotations: dict[str, set[str]]) -> tuple[list[str], dict[int, Counter], list[int]]:
     """(class names, per index a Counter of 'agree' and each disagreeing label, indices with no witness)."""
-    classes = [c.strip() for c in (splits / "class.txt").read_text(encoding="utf-8").splitlines() if c.strip()]
+    from poise.data.audiovisual import read_class_file
+
+    classes = read_class_file(splits / "class.txt")
+    if classes is None:
+        raise ValueError(f"'{splits / 'class.txt'}' does not exist")
     found: dict[int, Counter] = defaultdict(Counter)
     for name in ("my_train.txt", "my_test.txt"):
         for line in (splits / name).read_text(encoding="utf-8-sig").splitlines():
@@ -54,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("annotations", nargs="+", type=Path, help="Kinetics annotation CSV files")
     parser.add_argument("--splits", type=Path, default=SPLITS, help="folder holding class.txt and the two lists")
     args = parser.parse_args(argv)
+    from poise.errors import PoiseError
+
     try:
         classes, found, unwitnessed = check(args.splits, read_annotations(args.annotations))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, PoiseError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     wrong = 0
